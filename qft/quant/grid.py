@@ -1,0 +1,84 @@
+"""Tensor math of the GPTQ integer grid: ranges to (scale, zero), quantise, dequantise.
+
+Pure functions with no module state, shared by fake-quant (QAT), RTN and GPTQ. The convention is
+GPTQ/AutoGPTQ's, so that what we train against is bit-for-bit what we export:
+``x_hat = scale * (clamp(round(x / scale) + zero, 0, maxq) - zero)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .scheme import QuantScheme
+
+
+def scale_zero_from_range(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool):
+    """Scale and integer zero point for ranges ``[xmin, xmax]`` (any shape; broadcast together).
+
+    The range is widened to include 0 (so zero padding stays exact); an all-zero range becomes
+    [-1, 1] to avoid a zero scale.
+    """
+    maxq = 2**bits - 1
+    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    if symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    if symmetric:
+        return scale, torch.full_like(scale, (maxq + 1) // 2)
+    zero = torch.round(-xmin / scale)
+    # GPTQ v1 checkpoints store ``zero - 1`` as unsigned bits, so zero=0 (a group with no negative
+    # weight) cannot be written. Such groups use zero=1 and stretch the scale so xmax stays on the grid.
+    low = zero < 1
+    scale = torch.where(low, xmax / (maxq - 1), scale)
+    return scale, torch.where(low, torch.ones_like(zero), zero)
+
+
+def quantize(x, scale, zero, maxq: int):
+    """Integer codes (as float) of ``x`` on the grid."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+
+
+def dequantize(q, scale, zero):
+    return scale * (q - zero)
+
+
+def fake_quantize(x, scale, zero, maxq: int):
+    """Quantise then dequantise (no gradient trick; see ``qft.qat`` for the STE)."""
+    return dequantize(quantize(x, scale, zero, maxq), scale, zero)
+
+
+def weight_params(w: torch.Tensor, scheme: QuantScheme):
+    """Per-group (or per-channel) ``scale, zero`` of a weight ``[out, in]``, shaped ``[out, n_groups]``."""
+    out_f, in_f = w.shape
+    g = scheme.group_for(in_f)
+    wg = w.detach().float().reshape(out_f, in_f // g, g)
+    scale, zero = scale_zero_from_range(wg.amin(-1), wg.amax(-1), scheme.bits, scheme.symmetric)
+    return fp16_scale(scale), zero
+
+
+def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Round scales to fp16, as the checkpoint stores them, so fake-quant and export agree exactly."""
+    return scale.to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny).float()
+
+
+def expand_groups(t: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``[out, n_groups]`` -> ``[out, in_features]`` by repeating each group's value."""
+    return t.repeat_interleave(in_features // t.shape[1], dim=1)
+
+
+def rtn_quantize_weight(w: torch.Tensor, scheme: QuantScheme):
+    """Round-to-nearest: ``(codes [out,in] int, scale [out,n_groups], zero [out,n_groups])``."""
+    scale, zero = weight_params(w, scheme)
+    in_f = w.shape[1]
+    q = quantize(w.float(), expand_groups(scale, in_f), expand_groups(zero, in_f), scheme.maxq)
+    return q.to(torch.int32), scale, zero
+
+
+def rtn_fake_quant_weight(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    q, scale, zero = rtn_quantize_weight(w, scheme)
+    in_f = w.shape[1]
+    return dequantize(q.float(), expand_groups(scale, in_f), expand_groups(zero, in_f)).to(w.dtype)
