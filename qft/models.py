@@ -81,6 +81,7 @@ def smollm2_path() -> Path:
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is as good as ours
@@ -134,3 +135,12 @@ def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, s
 def load(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, seed: int = 0):
     """``(model, tokenizer)`` for ``name``."""
     return load_model(name, dtype=dtype, seed=seed), load_tokenizer(name)
+
+
+def max_length(name: str) -> int:
+    """Longest sequence ``name`` supports (its ``max_position_embeddings``)."""
+    if name == "tiny-llama":
+        return TINY_LLAMA["max_position_embeddings"]
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(resolve(name)).max_position_embeddings)

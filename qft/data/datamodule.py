@@ -1,0 +1,168 @@
+"""``QFTDataModule``: local text, instruction data, or the built-in synthetic task.
+
+Everything is read through the ``datasets`` library from local files (this machine cannot reach a
+hub). Splits are deterministic: text is split by characters (first ``1 - val_fraction`` for
+training, the rest held out, the Tiny Shakespeare convention), instruction records by a seeded
+shuffle, and the synthetic task by disjoint seeds.
+"""
+from __future__ import annotations
+
+import os
+import random
+from functools import partial
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .. import models
+from .synthetic import addition_splits
+from .tokenize import chat_example, collate, pack
+
+TASKS = ("synthetic", "text", "instruct")
+
+
+def _load_rows(path: str, kind: str) -> list[dict]:
+    from datasets import load_dataset
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"QFTDataModule(path={path!r}): no such file.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"QFTDataModule(path={path!r}): the file is empty.")
+    if kind == "text":
+        ds = load_dataset("text", data_files=path, sample_by="document", split="train")
+    else:
+        ds = load_dataset("json", data_files=path, split="train")
+    rows = ds.to_list()
+    if not rows:
+        raise ValueError(f"QFTDataModule(path={path!r}): the file holds no records.")
+    return rows
+
+
+def instruct_messages(row: dict, path: str) -> list[dict]:
+    """A chat ``messages`` list from either ``messages`` or ``instruction``/``input``/``output`` columns."""
+    if "messages" in row:
+        return row["messages"]
+    for col in ("instruction", "output"):
+        if col not in row:
+            raise KeyError(f"QFTDataModule(path={path!r}): missing column {col!r}; instruction data needs "
+                           f"'instruction' and 'output' (and optional 'input'), or chat 'messages'. "
+                           f"Found columns: {sorted(row)}.")
+    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+
+
+class EpochShuffle(Sampler):
+    """A shuffle that depends only on (seed, epoch), so a run resumed at an epoch boundary sees the
+    very batches an uninterrupted run sees. Lightning calls ``set_epoch`` each epoch (under DDP it
+    swaps in a DistributedSampler, which follows the same rule)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class QFTDataModule(pl.LightningDataModule):
+    """Data for causal-LM fine-tuning.
+
+    Args:
+        task: ``synthetic`` (3-digit addition chats, loss on answers), ``text`` (plain text packed into
+            ``seq_len`` blocks) or ``instruct`` (JSON/JSONL with instruction/input/output or ``messages``,
+            rendered with the tokenizer's chat template, loss on the response only).
+        path: the local file for ``text`` and ``instruct``.
+        tokenizer: model name whose tokenizer to use (the CLI links it to ``model.model``).
+        seq_len: block length for ``text``; the truncation length for chat examples.
+        batch_size, num_workers: DataLoader settings.
+        val_fraction: held-out share for ``text`` (by characters) and ``instruct`` (by records).
+        num_train, num_val: synthetic problems per split.
+        seed: split and shuffle seed.
+    """
+
+    def __init__(self, task: str = "synthetic", path: str | None = None, tokenizer: str = "smollm2-135m",
+                 seq_len: int = 512, batch_size: int = 8, num_workers: int = 0, val_fraction: float = 0.1,
+                 num_train: int = 2000, num_val: int = 200, seed: int = 0):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"QFTDataModule(task={task!r}) is unknown; allowed: {list(TASKS)}.")
+        if task != "synthetic" and not path:
+            raise ValueError(f"QFTDataModule(task={task!r}) needs path= to a local file.")
+        if task != "synthetic" and not os.path.isfile(path):
+            raise FileNotFoundError(f"QFTDataModule(path={path!r}): no such file.")
+        for name, v in (("seq_len", seq_len), ("batch_size", batch_size), ("num_train", num_train),
+                        ("num_val", num_val)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"QFTDataModule({name}={v!r}): must be an integer >= 1.")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"QFTDataModule(val_fraction={val_fraction!r}): must be in (0, 1).")
+        self.save_hyperparameters()
+        self.train_set: list[dict] = []
+        self.val_set: list[dict] = []
+        self.val_problems: list[dict] = []  # synthetic: held-out chats for generation accuracy
+        self._tok = None
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            self._tok = models.load_tokenizer(self.hparams.tokenizer)
+        return self._tok
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set:
+            return
+        hp = self.hparams
+        limit = models.max_length(hp.tokenizer)
+        if hp.seq_len > limit:
+            raise ValueError(f"QFTDataModule(seq_len={hp.seq_len}) is longer than model {hp.tokenizer!r} "
+                             f"supports (max_position_embeddings={limit}).")
+        tok = self.tokenizer
+        if hp.task == "text":
+            text = "\n".join(r["text"] for r in _load_rows(hp.path, "text"))
+            cut = int(len(text) * (1 - hp.val_fraction))
+            blocks = {s: pack(tok(t)["input_ids"], hp.seq_len) for s, t in (("train", text[:cut]), ("val", text[cut:]))}
+            for split, b in blocks.items():
+                if not b:
+                    raise ValueError(f"QFTDataModule(path={hp.path!r}): the {split} split has fewer than "
+                                     f"seq_len={hp.seq_len} tokens; lower seq_len or val_fraction.")
+            self.train_set = [{"input_ids": b} for b in blocks["train"]]
+            self.val_set = [{"input_ids": b} for b in blocks["val"]]
+            return
+        if hp.task == "synthetic":
+            train, val = addition_splits(hp.num_train, hp.num_val, hp.seed)
+        else:
+            rows = [{"messages": instruct_messages(r, hp.path)} for r in _load_rows(hp.path, "json")]
+            random.Random(hp.seed).shuffle(rows)
+            n_val = max(1, int(round(len(rows) * hp.val_fraction)))
+            if len(rows) < 2:
+                raise ValueError(f"QFTDataModule(path={hp.path!r}): need at least 2 records to split, got {len(rows)}.")
+            train, val = rows[n_val:], rows[:n_val]
+        self.val_problems = val
+        self.train_set = [self._truncate(chat_example(tok, r["messages"])) for r in train]
+        self.val_set = [self._truncate(chat_example(tok, r["messages"])) for r in val]
+
+    def _truncate(self, ex: dict) -> dict:
+        n = self.hparams.seq_len
+        return {k: v[:n] for k, v in ex.items()}
+
+    def _loader(self, data, shuffle):
+        sampler = EpochShuffle(len(data), self.hparams.seed) if shuffle else None
+        return DataLoader(data, batch_size=self.hparams.batch_size, sampler=sampler,
+                          num_workers=self.hparams.num_workers,
+                          collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,217 @@
+"""``CausalLMModule``: the LightningModule every qft recipe trains.
+
+Lifecycle
+---------
+- ``__init__``: validates every argument; builds nothing (so FSDP/meta-device init stays possible).
+- ``configure_model`` (called by Lightning after ``setup``, before DDP/FSDP wrapping; also by
+  ``load_from_checkpoint``): loads the base model, runs queued ``"base"`` hooks (PRILoRA plans ranks
+  here), swaps base linears to NF4, attaches peft LoRA, enables gradient checkpointing, then runs
+  ``"final"`` hooks (QAT swaps layers here). See ``qft.hooks``.
+- ``training_step``/``validation_step``: ``step_loss`` (override point, e.g. distillation) under bf16
+  autocast where the hardware supports it; logs loss, perplexity, tokens/s and the learning rate.
+- ``on_save_checkpoint``: drops frozen base weights (and their NF4 state) so checkpoints hold only
+  what training changes: adapters, trainable weights, and qft buffers (observers, masks).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import pytorch_lightning as pl
+import torch
+
+from . import hooks, models
+from .qlora import QUANTIZATIONS, quantize_nf4
+
+ADAPTERS = ("none", "lora")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def bf16_supported(device: torch.device | str = "cpu") -> bool:
+    """True where bf16 matmuls are native: CUDA with bf16, or a CPU with AVX512-BF16/AMX."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        import bitsandbytes.functional as bnbF
+
+        return bool(bnbF.has_avx512bf16())
+    except Exception:
+        return False
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"CausalLMModule({name}={value!r}) is not supported; allowed: {list(allowed)}.")
+
+
+class CausalLMModule(pl.LightningModule):
+    """Fine-tune a causal language model, optionally NF4-quantised with LoRA adapters (QLoRA).
+
+    Args:
+        model: a built-in name (``smollm2-135m``, ``tiny-llama``), a local path or a Hugging Face id.
+        quantization: ``none``, ``nf4`` or ``nf4-dq`` (NF4 with double quantisation); the base becomes
+            frozen bitsandbytes Linear4bit everywhere but ``lm_head``, so an adapter is required.
+        compute_dtype: ``auto`` (bf16 where supported, else fp32), ``float32``, ``bfloat16`` or ``float16``:
+            the NF4 compute dtype and the autocast dtype.
+        adapter: ``none`` (full fine-tune) or ``lora`` (peft LoRA).
+        lora_r, lora_alpha, lora_dropout: LoRA shape; per-module ranks may be planned by PRILoRA.
+        target_modules: peft ``target_modules``: ``all-linear`` (every linear but the head) or a list.
+        gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers.
+        lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with linear warmup and a cosine decay to
+            ``min_lr_ratio * lr`` over the trainer's stepping batches.
+        seed: seed of the built-in random model (tiny-llama).
+    """
+
+    def __init__(self, model: str = "smollm2-135m", quantization: str = "none", compute_dtype: str = "auto",
+                 adapter: str = "none", lora_r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
+                 target_modules: str | list[str] = "all-linear", gradient_checkpointing: bool = False,
+                 lr: float = 2e-4, weight_decay: float = 0.0, warmup_steps: int = 0, min_lr_ratio: float = 0.1,
+                 seed: int = 0):
+        super().__init__()
+        _check_choice("quantization", quantization, QUANTIZATIONS)
+        _check_choice("compute_dtype", compute_dtype, ("auto", *DTYPES))
+        _check_choice("adapter", adapter, ADAPTERS)
+        if quantization != "none" and adapter == "none":
+            raise ValueError(f"CausalLMModule(quantization={quantization!r}, adapter='none'): an NF4 base is frozen, "
+                             "so nothing would train. Set adapter='lora' (QLoRA) or quantization='none'.")
+        if not isinstance(lora_r, int) or lora_r < 1:
+            raise ValueError(f"CausalLMModule(lora_r={lora_r!r}): the LoRA rank must be an integer >= 1.")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"CausalLMModule(lora_dropout={lora_dropout!r}): must be in [0, 1).")
+        if lr <= 0:
+            raise ValueError(f"CausalLMModule(lr={lr!r}): the learning rate must be > 0.")
+        if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"CausalLMModule(warmup_steps={warmup_steps!r}, min_lr_ratio={min_lr_ratio!r}): "
+                             "warmup_steps must be >= 0 and min_lr_ratio in [0, 1].")
+        if isinstance(target_modules, str) and target_modules != "all-linear":
+            target_modules = [target_modules]
+        self.save_hyperparameters()
+        self.model_name = model
+        self.model = None
+        self.tokenizer = None
+        self.model_ready = False
+        self.qft_model_hooks = {p: [] for p in hooks.PHASES}
+        self.rank_pattern: dict[str, int] = {}
+        self.alpha_pattern: dict[str, float] = {}
+        self.strict_loading = False  # checkpoints omit frozen base weights
+        self._t_batch = None
+
+    # ------------------------------------------------------------------ model
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        name = self.hparams.compute_dtype
+        if name == "auto":
+            return torch.bfloat16 if bf16_supported(self.device) else torch.float32
+        return DTYPES[name]
+
+    def configure_model(self) -> None:
+        if self.model_ready:
+            return
+        hp = self.hparams
+        self.model = models.load_model(hp.model, dtype=torch.float32, seed=hp.seed)
+        self.tokenizer = models.load_tokenizer(hp.model)
+        hooks.run_hooks(self, "base")
+        if hp.quantization != "none":
+            quantize_nf4(self.model, double_quant=hp.quantization == "nf4-dq", compute_dtype=self.compute_dtype)
+        if hp.adapter == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
+                                target_modules=hp.target_modules, rank_pattern=dict(self.rank_pattern),
+                                alpha_pattern=dict(self.alpha_pattern), task_type="CAUSAL_LM")
+            self.model = get_peft_model(self.model, config)
+        if hp.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model_ready = True
+        hooks.run_hooks(self, "final")
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def _autocast(self):
+        dt = self.compute_dtype
+        return torch.autocast(self.device.type, dtype=dt, enabled=dt != torch.float32)
+
+    def step_loss(self, batch: dict, stage: str) -> torch.Tensor:
+        """Loss of one batch; subclasses (distillation) override this, not the step methods."""
+        return self(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    labels=batch["labels"]).loss
+
+    # --------------------------------------------------------------- training
+    def on_train_batch_start(self, batch, batch_idx):
+        self._t_batch = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        with self._autocast():
+            loss = self.step_loss(batch, "train")
+        n_tok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/ppl", torch.exp(loss.detach().float().clamp(max=20)), batch_size=bs)
+        if self._t_batch is not None:
+            self.log("train/tokens_per_s", n_tok / max(time.perf_counter() - self._t_batch, 1e-9), batch_size=bs)
+        if self.trainer is not None and self.trainer.optimizers:
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._eval_step(batch, "test")
+
+    def _eval_step(self, batch, stage):
+        with self._autocast():
+            loss = self.step_loss(batch, stage)
+        bs = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/ppl", torch.exp(loss.detach().float().clamp(max=20)), batch_size=bs, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups: dict[tuple, list] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            decay = hp.weight_decay if p.ndim >= 2 else 0.0
+            # Parameters may ask for their own LR multiplier (QAT's learned scales do).
+            groups.setdefault((decay, float(getattr(p, "qft_lr_scale", 1.0))), []).append(p)
+        if not groups:
+            raise RuntimeError("CausalLMModule has no trainable parameters; check adapter/target_modules.")
+        param_groups = [{"params": ps, "weight_decay": d, "lr": hp.lr * s} for (d, s), ps in groups.items()]
+        opt = torch.optim.AdamW(param_groups, lr=hp.lr, betas=(0.9, 0.999))
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1000
+        warm, floor = hp.warmup_steps, hp.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------ checkpoints
+    def frozen_state_keys(self) -> set[str]:
+        """State-dict keys of frozen base weights, including bitsandbytes' NF4 quant state."""
+        frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+        prefixes = tuple(n[: -len("weight")] + "weight." for n in frozen if n.endswith("weight"))
+        return {k for k in self.state_dict() if k in frozen or (prefixes and k.startswith(prefixes))}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        drop = self.frozen_state_keys()
+        sd = checkpoint["state_dict"]
+        for k in drop:
+            sd.pop(k, None)
+        checkpoint["qft"] = {"frozen_keys_dropped": len(drop), "model": self.hparams.model}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.configure_model()
+        expected = set(self.state_dict()) - self.frozen_state_keys()
+        missing = sorted(expected - set(checkpoint["state_dict"]))
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:3]}; it was saved "
+                           "from a differently configured module (adapter, ranks or QAT settings differ).")
