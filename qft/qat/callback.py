@@ -1,0 +1,151 @@
+"""``QATCallback``: quantization-aware training as a Lightning callback."""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+
+from qft.hooks import when_model_ready
+from qft.quant import QuantScheme
+
+from .config import QATConfig
+from .convert import convert
+from .prepare import fake_quant_modules, is_converted, prepare, set_state
+
+SCALE_GROUP = "qat_scales"
+
+
+class QATCallback(pl.Callback):
+    """Fake-quantize target linears on the export grid while training; optionally convert at the end.
+
+    Lifecycle:
+    - ``__init__``: every argument is validated (``QATConfig``); bad schemes fail here.
+    - ``setup`` (any stage): registers the swap with ``qft.hooks.when_model_ready(..., "final")``, which
+      runs it inside ``configure_model`` for qft modules (before DDP/FSDP wrapping and before a
+      checkpoint's weights are loaded) or at once for any other LightningModule. The swap first checks
+      every target against the scheme (``group_size`` must divide ``in_features``; the error names the
+      module), then replaces each target ``nn.Linear`` (or peft LoRA linear, ``lora_merged=True``) by a
+      ``FakeQuantLinear``/``FakeQuantLoRALinear``. Already swapped models are left as they are (fitting
+      twice); a converted model cannot be fitted again (clear error).
+    - ``on_fit_start`` (optimizers exist, optimizer state not yet restored): with ``range_learning``,
+      moves the learned scales/zeros into their own param group at ``lr * lr_multiplier``.
+    - ``on_train_batch_start``: sets fake-quant on from ``start_step`` and freezes activation observers
+      from ``freeze_observers_step`` (by ``trainer.global_step``, so resuming lands on the same state).
+    - ``on_fit_end``: ``qft.qat.convert`` when ``convert_on_fit_end=True``; validate/test afterwards run
+      the packed model.
+    - checkpoints: scales, zeros, observer statistics and on/off flags are module buffers (or parameters)
+      and travel in ``state_dict``; the callback's ``state_dict`` holds its config and step counters.
+      ``qft.qat.restore`` rebuilds the fake-quant layers in a fresh module from a checkpoint.
+    """
+
+    def __init__(self, weight: QuantScheme = QuantScheme(bits=4, group_size=128, symmetric=True),
+                 activation: Optional[QuantScheme] = None, start_step: int = 0,
+                 freeze_observers_step: Optional[int] = None, ignore: Sequence[str] = ("lm_head",),
+                 targets: Optional[Sequence[str]] = None, range_learning: bool = False, lr_multiplier: float = 1.0,
+                 lora_merged: bool = False, observer_momentum: float = 0.01, convert_on_fit_end: bool = False):
+        self.config = QATConfig(weight=weight, activation=activation, start_step=start_step,
+                                freeze_observers_step=freeze_observers_step, ignore=ignore, targets=targets,
+                                range_learning=range_learning, lr_multiplier=lr_multiplier, lora_merged=lora_merged,
+                                observer_momentum=observer_momentum, convert_on_fit_end=convert_on_fit_end)
+        self.swapped: list = []
+        self.last_step = -1
+        self.converted = False
+
+    # ----------------------------------------------------------------- model change
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        when_model_ready(pl_module, lambda m: self._prepare(m, stage), "final")
+
+    def _prepare(self, pl_module, stage: str) -> None:
+        if is_converted(pl_module):
+            if stage == "fit":
+                prepare(pl_module, self.config)  # raises the "already converted" error
+            return  # validate/test/predict of a converted model: nothing to fake-quantize
+        self.swapped = sorted(set(self.swapped) | set(prepare(pl_module, self.config)))
+        if stage == "fit" and self.last_step < 0:
+            self._apply_schedule(pl_module, 0)
+
+    def validate_model(self, model) -> list:
+        """Check the config against ``model`` (any nn.Module) without changing it; returns target names."""
+        return self.config.check_model(model)
+
+    # ----------------------------------------------------------------- optimizer
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not self.config.range_learning:
+            return
+        params = [p for _, m in fake_quant_modules(pl_module) for p in m.qat_params() if p.requires_grad]
+        for opt in trainer.optimizers:
+            _own_param_group(opt, params, self.config.lr_multiplier, trainer.lr_scheduler_configs)
+
+    # ----------------------------------------------------------------- schedule
+    def _apply_schedule(self, pl_module, step: int) -> None:
+        c = self.config
+        observing = c.freeze_observers_step is None or step < c.freeze_observers_step
+        set_state(pl_module, enabled=step >= c.start_step, observing=observing)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._apply_schedule(pl_module, trainer.global_step)
+        self.last_step = trainer.global_step
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.config.convert_on_fit_end:
+            convert(pl_module)
+            self.converted = True
+
+    # ----------------------------------------------------------------- checkpoints
+    @property
+    def state_key(self) -> str:
+        return "QATCallback"
+
+    def state_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "swapped": list(self.swapped), "last_step": self.last_step,
+                "converted": self.converted}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("config", {})
+        mine = self.config.to_dict()
+        diff = {k: (saved[k], mine[k]) for k in ("weight", "activation", "range_learning", "lora_merged")
+                if k in saved and saved[k] != mine[k]}
+        if diff:
+            raise ValueError(f"QATCallback: the checkpoint was trained with different fake-quant settings "
+                             f"(checkpoint, this callback): {diff}. Build the callback with the checkpoint's settings.")
+        self.swapped = list(state_dict.get("swapped", []))
+        self.last_step = int(state_dict.get("last_step", -1))
+        self.converted = bool(state_dict.get("converted", False))
+
+
+def _own_param_group(opt: torch.optim.Optimizer, params: list, mult: float, scheduler_configs) -> None:
+    """Move ``params`` out of ``opt``'s groups into one group at ``lr * mult`` (no weight decay).
+
+    Done before optimizer state is restored, so resumed checkpoints see the same group layout.
+    Schedulers created with the optimizer are extended with the new group (base_lrs, lr_lambdas).
+    """
+    ids = {id(p) for p in params}
+    if not ids or any(g.get("name") == SCALE_GROUP for g in opt.param_groups):
+        return
+    source = None
+    for i, g in enumerate(opt.param_groups):
+        kept = [p for p in g["params"] if id(p) not in ids]
+        if len(kept) != len(g["params"]):
+            source = i if source is None else source
+            g["params"] = kept
+    if source is None:
+        warnings.warn("QATCallback(range_learning=True): the optimizer holds none of the learned scales; they "
+                      "will not train. Build the optimizer from all requires_grad parameters.", stacklevel=2)
+        return
+    group = {k: v for k, v in opt.param_groups[source].items() if k != "params"}
+    base = group.get("initial_lr", group["lr"])
+    group.update(params=list(params), lr=group["lr"] * mult, initial_lr=base * mult, weight_decay=0.0,
+                 name=SCALE_GROUP)
+    opt.add_param_group(group)
+    for cfg in scheduler_configs:
+        sch = cfg.scheduler
+        if getattr(sch, "optimizer", None) is not opt:
+            continue
+        if hasattr(sch, "base_lrs"):
+            sch.base_lrs.append(base * mult)
+        if hasattr(sch, "lr_lambdas"):
+            sch.lr_lambdas.append(sch.lr_lambdas[source])
+        if hasattr(sch, "_last_lr"):
+            sch._last_lr.append(group["lr"])

@@ -1,0 +1,143 @@
+"""``QATConfig``: every knob of quantization-aware training, validated when it is built.
+
+The callback (``QATCallback``) and the functional API (``prepare``) both take this one object, so a
+bad scheme fails at construction, before any model is loaded. The only check that needs the model
+(does ``group_size`` divide each target's ``in_features``?) lives in ``QATConfig.check_model``,
+which the callback runs before training starts and users may call up front.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence, Union
+
+from qft.quant import QuantScheme
+from qft.quant.scheme import GRANULARITIES, WEIGHT_GRANULARITIES
+
+ACT_GRANULARITIES = ("per_token", "per_tensor")
+
+
+def _scheme(value, arg: str) -> QuantScheme:
+    """Accept a ``QuantScheme`` or a dict of its fields (what YAML gives), with errors naming ``arg``."""
+    if isinstance(value, QuantScheme):
+        return value
+    if isinstance(value, dict):
+        try:
+            return QuantScheme(**value)
+        except TypeError as e:
+            raise ValueError(f"QATCallback({arg}={value!r}): {e}. Fields of QuantScheme: bits, group_size, "
+                             f"symmetric, granularity ({list(GRANULARITIES)}), dynamic.") from None
+        except ValueError as e:
+            raise ValueError(f"QATCallback({arg}=...): {e}") from None
+    raise TypeError(f"QATCallback({arg}={value!r}): expected a qft.quant.QuantScheme (or a dict of its fields), "
+                    f"got {type(value).__name__}. Hint: {arg}=QuantScheme(bits=4, group_size=128).")
+
+
+def _patterns(value, arg: str) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError(f"QATCallback({arg}={value!r}): expected a list of non-empty module-name patterns such as "
+                        "['lm_head'] or ['q_proj', 'mlp.*'].")
+    return tuple(value)
+
+
+def name_matches(name: str, patterns: Sequence[str]) -> bool:
+    """peft-style matching: a pattern matches a module name exactly, as a dotted suffix, or as a glob."""
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+@dataclass
+class QATConfig:
+    """Configuration of fake-quant training; see ``QATCallback`` for the lifecycle."""
+
+    weight: QuantScheme = field(default_factory=lambda: QuantScheme(bits=4, group_size=128, symmetric=True),
+                                metadata={"help": "Weight grid (per_group or per_channel, 2-8 bits); the export grid."})
+    activation: Optional[QuantScheme] = field(default=None, metadata={
+        "help": "Input-activation grid: None, per_token with dynamic=True, or per_tensor (moving-average min/max "
+                "observer when dynamic=False)."})
+    start_step: int = field(default=0, metadata={"help": "Global step at which fake-quant switches on."})
+    freeze_observers_step: Optional[int] = field(default=None, metadata={
+        "help": "Global step from which activation observers stop updating (None: never)."})
+    ignore: Sequence[str] = field(default=("lm_head",), metadata={"help": "Module-name patterns never quantized."})
+    targets: Optional[Sequence[str]] = field(default=None, metadata={
+        "help": "Module-name patterns to quantize (None: every nn.Linear not ignored)."})
+    range_learning: bool = field(default=False, metadata={
+        "help": "Make weight scales (and asymmetric zero points) trainable, LSQ-style."})
+    lr_multiplier: float = field(default=1.0, metadata={"help": "Learning-rate multiplier of learned scales/zeros."})
+    lora_merged: bool = field(default=False, metadata={
+        "help": "For peft LoRA layers fake-quantize the merged W + scaling*B@A (what export writes)."})
+    observer_momentum: float = field(default=0.01, metadata={
+        "help": "Moving-average constant of the per_tensor activation observer (0 < m <= 1)."})
+    convert_on_fit_end: bool = field(default=False, metadata={
+        "help": "Replace fake-quant layers by packed GPTQLinear when fit ends (irreversible)."})
+
+    def __post_init__(self):
+        self.weight = _scheme(self.weight, "weight")
+        if self.weight.granularity not in WEIGHT_GRANULARITIES:
+            raise ValueError(f"QATCallback(weight=QuantScheme(granularity={self.weight.granularity!r})): weights are "
+                             f"quantized {list(WEIGHT_GRANULARITIES)}; per_token/per_tensor are activation grids.")
+        if self.activation is not None:
+            self.activation = _scheme(self.activation, "activation")
+            if self.activation.granularity not in ACT_GRANULARITIES:
+                raise ValueError(
+                    f"QATCallback(activation=QuantScheme(granularity={self.activation.granularity!r})): activations "
+                    f"are quantized {list(ACT_GRANULARITIES)}. Hint: QuantScheme(bits=8, granularity='per_token', "
+                    "dynamic=True).")
+        for arg in ("start_step",):
+            v = getattr(self, arg)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"QATCallback({arg}={v!r}): expected an integer >= 0.")
+        f = self.freeze_observers_step
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < self.start_step):
+            raise ValueError(f"QATCallback(freeze_observers_step={f!r}): expected None or an integer >= start_step "
+                             f"({self.start_step}); observers must see data before they freeze.")
+        self.ignore = _patterns(self.ignore, "ignore")
+        self.targets = None if self.targets is None else _patterns(self.targets, "targets")
+        if self.targets == ():
+            raise ValueError("QATCallback(targets=[]): no module would be quantized; use None for every nn.Linear.")
+        for arg in ("range_learning", "lora_merged", "convert_on_fit_end"):
+            if not isinstance(getattr(self, arg), bool):
+                raise TypeError(f"QATCallback({arg}={getattr(self, arg)!r}): expected True or False.")
+        lm = self.lr_multiplier
+        if isinstance(lm, bool) or not isinstance(lm, (int, float)) or not lm > 0:
+            raise ValueError(f"QATCallback(lr_multiplier={lm!r}): expected a positive number (1.0 = the model's lr).")
+        m = self.observer_momentum
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1:
+            raise ValueError(f"QATCallback(observer_momentum={m!r}): expected a number in (0, 1], e.g. 0.01.")
+
+    def is_target(self, name: str) -> bool:
+        """Whether the module called ``name`` (peft's ``.base_layer`` suffix stripped) is quantized."""
+        name = name.removesuffix(".base_layer")
+        if name_matches(name, self.ignore):
+            return False
+        return self.targets is None or name_matches(name, self.targets)
+
+    def check_model(self, model) -> list:
+        """Validate this config against a built model; returns the target names (raises naming the module).
+
+        ``model`` is any ``nn.Module`` (a LightningModule included). Call it up front to fail before a
+        long job; the callback calls it before the first swap.
+        """
+        from .prepare import find_targets
+
+        found = find_targets(model, self)
+        if not found:
+            raise ValueError(f"QATCallback(targets={self.targets!r}, ignore={list(self.ignore)!r}) matched no "
+                             "nn.Linear in the model; check the patterns against model.named_modules().")
+        for name, (in_f, out_f) in found.items():
+            self.weight.check_layer(name, in_f)
+            if in_f % 32 or out_f % 32:
+                raise ValueError(f"QATCallback: module {name!r} has in_features={in_f}, out_features={out_f}; "
+                                 "the GPTQ layout that convert/export write packs both in multiples of 32. Add "
+                                 f"{name.rsplit('.', 1)[-1]!r} to `ignore`.")
+        return list(found)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["weight"] = self.weight.to_dict()
+        d["activation"] = None if self.activation is None else self.activation.to_dict()
+        d["ignore"], d["targets"] = list(self.ignore), None if self.targets is None else list(self.targets)
+        return d

@@ -1,0 +1,174 @@
+"""Fake-quant layers that replace ``nn.Linear`` (and peft LoRA linears) during QAT.
+
+They take over the original ``weight``/``bias`` Parameter objects (so tied weights, optimizer
+references and ``requires_grad`` survive the swap) and keep the state-dict keys of what they
+replace, plus their QAT buffers. ``forward(x, *args, **kwargs)`` accepts whatever the caller passes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qft.quant import QuantScheme
+from qft.quant.grid import weight_params
+
+from .fake_quant import grouped, lsq_fake_quant, ste_fake_quant
+from .observer import ActivationFakeQuant
+
+
+class _WeightFakeQuantMixin(nn.Module):
+    """Weight grid state shared by the plain and the LoRA-merged layer.
+
+    Buffers (all in the state dict): ``qat_enabled`` (fake-quant on), ``weight_scale``/``weight_zero``
+    ``[out, n_groups]`` (the scales last used; with range learning they are Parameters, initialised
+    from the weight the first time fake-quant runs, flagged by ``qat_initialized``).
+    """
+
+    def _init_qat(self, in_f: int, out_f: int, weight: QuantScheme, activation, range_learning: bool,
+                  momentum: float, device, symmetric_zero: float):
+        self.in_features, self.out_features = in_f, out_f
+        self.weight_scheme, self.range_learning = weight, range_learning
+        self.group = weight.group_for(in_f)
+        n_groups = in_f // self.group
+        self.register_buffer("qat_enabled", torch.ones((), dtype=torch.bool, device=device))
+        self.register_buffer("qat_initialized", torch.zeros((), dtype=torch.bool, device=device))
+        scale = torch.ones(out_f, n_groups, device=device)
+        zero = torch.full((out_f, n_groups), float(symmetric_zero), device=device)
+        if range_learning:
+            self.weight_scale = nn.Parameter(scale)
+            if weight.symmetric:
+                self.register_buffer("weight_zero", zero)
+            else:
+                self.weight_zero = nn.Parameter(zero)
+        else:
+            self.register_buffer("weight_scale", scale)
+            self.register_buffer("weight_zero", zero)
+        self.input_quant = None if activation is None else ActivationFakeQuant(activation, momentum)
+
+    def qat_params(self):
+        """Learned-range parameters (empty without range learning)."""
+        return [p for p in (self.weight_scale, self.weight_zero) if isinstance(p, nn.Parameter)]
+
+    def fake_quant_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` ``[out, in]`` on the export grid (float32), with STE/LSQ gradients."""
+        s = self.weight_scheme
+        wg = grouped(w.float(), self.group)
+        if self.range_learning:
+            if not bool(self.qat_initialized):
+                scale, zero = weight_params(w, s)
+                with torch.no_grad():
+                    self.weight_scale.copy_(scale)
+                    self.weight_zero.copy_(zero)
+                    self.qat_initialized.fill_(True)
+            out = lsq_fake_quant(wg, self.weight_scale.unsqueeze(-1), self.weight_zero.unsqueeze(-1), s.maxq,
+                                 self.group)
+        else:
+            scale, zero = weight_params(w, s)
+            if self.training:
+                self.weight_scale.copy_(scale)
+                self.weight_zero.copy_(zero)
+                self.qat_initialized.fill_(True)
+            out = ste_fake_quant(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), s.maxq)
+        return out.reshape(w.shape)
+
+    def export_params(self, w: torch.Tensor):
+        """``(codes [out,in] int32, scale [out,G], zero [out,G])`` exactly as the forward uses them."""
+        from qft.quant.grid import expand_groups, fp16_scale, quantize
+
+        s = self.weight_scheme
+        if self.range_learning and bool(self.qat_initialized):
+            scale = fp16_scale(self.weight_scale.detach().float())
+            zero = self.weight_zero.detach().float()
+            if not s.symmetric:
+                zero = torch.clamp(torch.round(zero), 1, s.maxq)
+        else:
+            scale, zero = weight_params(w, s)
+        codes = quantize(grouped(w.detach().float(), self.group), scale.unsqueeze(-1), zero.unsqueeze(-1), s.maxq)
+        return codes.reshape(w.shape).to(torch.int32), scale, zero
+
+    def _unused_qat_params(self) -> torch.Tensor:
+        """0 * learned params: keeps them in the autograd graph while fake-quant is off (DDP needs every
+        trainable parameter to receive a gradient each step)."""
+        return sum(p.sum() for p in self.qat_params()) * 0.0
+
+    def _extra(self) -> str:
+        s = self.weight_scheme
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
+                f"group={self.group}, symmetric={s.symmetric}, range_learning={self.range_learning}")
+
+
+class FakeQuantLinear(_WeightFakeQuantMixin):
+    """``nn.Linear`` whose weight (and optionally input) is fake-quantized on the export grid."""
+
+    def __init__(self, linear: nn.Linear, weight: QuantScheme, activation: QuantScheme | None = None,
+                 range_learning: bool = False, momentum: float = 0.01):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self._init_qat(linear.in_features, linear.out_features, weight, activation, range_learning, momentum,
+                       linear.weight.device, (weight.maxq + 1) // 2)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not bool(self.qat_enabled):
+            out = F.linear(x, self.weight, self.bias)
+            return out + self._unused_qat_params().to(out.dtype) if self.range_learning and self.training else out
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        w = self.fake_quant_weight(self.weight).to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def base_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def extra_repr(self) -> str:
+        return self._extra()
+
+
+class FakeQuantLoRALinear(_WeightFakeQuantMixin):
+    """A peft LoRA ``Linear`` computed as ``x @ fq(W + sum_a scaling_a * B_a @ A_a).T + bias``.
+
+    It keeps peft's sub-modules (``base_layer``, ``lora_A``, ``lora_B``) under their names, so the
+    state-dict keys are peft's. The adapter learns against the grid ``convert`` will write the merged
+    weight on. LoRA dropout is not applied (a merged weight has no per-input dropout). The base weight
+    may be a plain or a bitsandbytes 4-bit Linear (dequantized each forward).
+    """
+
+    def __init__(self, lora_layer, weight: QuantScheme, activation: QuantScheme | None = None,
+                 range_learning: bool = False, momentum: float = 0.01):
+        super().__init__()
+        if any(getattr(lora_layer, "use_dora", {}).get(a, False) for a in lora_layer.active_adapters):
+            raise ValueError("QATCallback(lora_merged=True) does not support DoRA adapters (use_dora=True): the "
+                             "merged weight is rescaled per column; use lora_merged=False.")
+        self.base_layer, self.lora_A, self.lora_B = lora_layer.base_layer, lora_layer.lora_A, lora_layer.lora_B
+        self.scaling = dict(lora_layer.scaling)
+        self.active_adapters = [a for a in lora_layer.active_adapters if a in self.lora_A]
+        in_f, out_f = lora_layer.in_features, lora_layer.out_features
+        dev = self.lora_A[self.active_adapters[0]].weight.device if self.active_adapters else None
+        self._init_qat(in_f, out_f, weight, activation, range_learning, momentum, dev, (weight.maxq + 1) // 2)
+
+    def base_weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        if hasattr(w, "quant_state"):  # bitsandbytes Params4bit
+            import bitsandbytes.functional as bnbf
+
+            return bnbf.dequantize_4bit(w.data, w.quant_state).float()
+        return w
+
+    def merged_weight(self) -> torch.Tensor:
+        w = self.base_weight().float()
+        for a in self.active_adapters:
+            w = w + self.scaling[a] * (self.lora_B[a].weight.float() @ self.lora_A[a].weight.float())
+        return w
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        bias = getattr(self.base_layer, "bias", None)
+        bias = None if bias is None else bias.to(x.dtype)
+        if not bool(self.qat_enabled):
+            out = F.linear(x, self.merged_weight().to(x.dtype), bias)
+            return out + self._unused_qat_params().to(out.dtype) if self.range_learning and self.training else out
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.linear(x, self.fake_quant_weight(self.merged_weight()).to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return self._extra() + f", adapters={self.active_adapters}"

@@ -1,0 +1,99 @@
+"""Finding target layers and swapping them for fake-quant layers (the ``prepare`` half of QAT).
+
+The swap walks ``model.named_modules()`` of whatever it is given (a LightningModule, an HF model, a
+peft model), replaces each target in its parent with ``setattr`` and never touches a ``forward``.
+Running it on an already prepared model is a no-op (fitting twice); running it on a converted model
+is an error, because packed integer weights cannot be trained.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .config import QATConfig
+from .layer import FakeQuantLinear, FakeQuantLoRALinear, _WeightFakeQuantMixin
+
+CONVERTED_FLAG = "_qft_qat_converted"
+
+
+def _lora_linear_cls():
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except Exception:  # peft missing or broken: no LoRA layers to find
+        return None
+    return LoraLinear
+
+
+def _is_adapter(name: str) -> bool:
+    """LoRA's own A/B projections are never quantized (they are merged into the base weight)."""
+    return any(part.startswith(("lora_A", "lora_B")) for part in name.split("."))
+
+
+def find_targets(model: nn.Module, config: QATConfig) -> dict:
+    """``{name: (in_features, out_features)}`` of the layers ``prepare`` would swap (or has swapped)."""
+    lora_cls = _lora_linear_cls()
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _WeightFakeQuantMixin):
+            found[name] = (m.in_features, m.out_features)
+        elif config.lora_merged and lora_cls is not None and isinstance(m, lora_cls):
+            if config.is_target(name):
+                found[name] = (m.in_features, m.out_features)
+        elif type(m) is nn.Linear and config.is_target(name) and not _is_adapter(name):
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            if config.lora_merged and lora_cls is not None and isinstance(model.get_submodule(parent), lora_cls):
+                continue  # handled with its LoRA parent
+            found[name] = (m.in_features, m.out_features)
+    return found
+
+
+def is_converted(model: nn.Module) -> bool:
+    return any(getattr(m, CONVERTED_FLAG, False) for m in model.modules())
+
+
+def prepare(model: nn.Module, config: QATConfig) -> list:
+    """Swap every target layer of ``model`` for a fake-quant layer; returns the swapped names.
+
+    Validates the whole model first, so a bad ``group_size`` fails before anything is changed.
+    """
+    if is_converted(model):
+        raise RuntimeError(
+            "QAT: this model was already converted by qft.qat.convert (its quantized layers hold packed integer "
+            "weights and cannot be trained). Fit from the checkpoint saved before conversion, or a fresh model; "
+            "to evaluate the converted model use trainer.validate/test without QATCallback.")
+    names = config.check_model(model)
+    lora_cls = _lora_linear_cls()
+    swapped = []
+    for name in names:
+        m = model.get_submodule(name)
+        if isinstance(m, _WeightFakeQuantMixin):
+            if m.weight_scheme != config.weight or m.range_learning != config.range_learning:
+                raise ValueError(f"QAT: module {name!r} is already fake-quantized with {m.weight_scheme} "
+                                 f"(range_learning={m.range_learning}); the callback asks for {config.weight} "
+                                 f"(range_learning={config.range_learning}). Use one QATCallback per model.")
+            continue
+        kw = dict(weight=config.weight, activation=config.activation, range_learning=config.range_learning,
+                  momentum=config.observer_momentum)
+        if lora_cls is not None and isinstance(m, lora_cls):
+            new = FakeQuantLoRALinear(m, **kw)
+        elif type(m) is nn.Linear:
+            new = FakeQuantLinear(m, **kw)
+        else:
+            raise TypeError(f"QAT: module {name!r} is a {type(m).__name__}; only nn.Linear (or a peft LoRA Linear "
+                            "with lora_merged=True) can be fake-quantized. Add it to `ignore`.")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        swapped.append(name)
+    return swapped
+
+
+def fake_quant_modules(model: nn.Module):
+    """``[(name, layer)]`` of every fake-quant layer in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _WeightFakeQuantMixin)]
+
+
+def set_state(model: nn.Module, enabled: bool, observing: bool) -> None:
+    """Switch fake-quant on/off and activation observers on/off in every fake-quant layer."""
+    for _, m in fake_quant_modules(model):
+        m.qat_enabled.fill_(enabled)
+        if m.input_quant is not None and m.input_quant.observed:
+            m.input_quant.observing.fill_(observing)
