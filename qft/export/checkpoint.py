@@ -1,0 +1,144 @@
+"""Write a Hugging Face GPTQ checkpoint (the "gptq" format transformers/optimum/gptqmodel read).
+
+Layout: ``config.json`` with a ``quantization_config``, ``quantize_config.json`` (AutoGPTQ's copy of it),
+``model.safetensors`` holding ``<layer>.qweight/qzeros/scales/g_idx`` (packed by ``qft.quant.pack_gptq``:
+int32 words, v1 zero points, fp16 scales) for every quantized linear and plain tensors for the rest, the
+tokenizer, and the per-layer quantization report.
+
+The write is atomic: everything goes to a hidden temporary sibling directory that is renamed into place
+at the end, so a crash never leaves a half-written checkpoint, and an existing directory is never
+replaced unless ``overwrite=True``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qft.quant import pack_gptq
+
+from .config import GPTQConfig
+from .gptq import QuantizedWeight
+
+
+def check_output_dir(output_dir, overwrite: bool = False) -> Path:
+    """Fail early (before calibration) when ``output_dir`` exists and ``overwrite`` is off."""
+    out = Path(output_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output_dir={str(out)!r} already exists; pass overwrite=True (CLI: --overwrite) to "
+                              "replace it, or choose a new directory.")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output_dir={str(out)!r} exists and is not a directory.")
+    return out
+
+
+def qft_version() -> str:
+    import qft
+
+    return getattr(qft, "__version__", "0")
+
+
+def quantization_config(cfg: GPTQConfig) -> dict:
+    """The ``quantization_config`` block of ``config.json``."""
+    return {
+        "quant_method": "gptq",
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "desc_act": cfg.desc_act,
+        "sym": cfg.sym,
+        "true_sequential": cfg.true_sequential,
+        "damp_percent": cfg.damp_percent,
+        "damp_auto_increment": cfg.damp_auto_increment,
+        "static_groups": cfg.static_groups,
+        "lm_head": False,
+        "format": "gptq",
+        "checkpoint_format": "gptq",
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [f"qft:{qft_version()}"], "method": cfg.method, "mse": cfg.mse},
+    }
+
+
+def default_save_dtype(model) -> torch.dtype:
+    dt = next(model.parameters()).dtype
+    return torch.float16 if dt == torch.float32 else dt
+
+
+def quantized_state_dict(model, quantized: dict[str, QuantizedWeight], dtype: torch.dtype) -> dict:
+    """Full state dict with each quantized linear replaced by its GPTQ tensors (shared tensors kept once)."""
+    modules = dict(model.named_modules())
+    sd, seen = {}, set()
+    skip = {f"{name}.weight" for name in quantized}
+    for name, qw in quantized.items():
+        packed = pack_gptq(qw.codes, qw.scale, qw.zero, qw.g_idx, qw.bits)
+        for k, v in packed.items():
+            sd[f"{name}.{k}"] = v.contiguous().clone()
+        bias = getattr(modules[name], "bias", None)
+        if bias is not None:
+            sd[f"{name}.bias"] = bias.detach().to("cpu", dtype).contiguous()
+            skip.add(f"{name}.bias")
+    for k, v in model.state_dict().items():
+        if k in skip:
+            continue
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:  # tied (lm_head = embed_tokens): saved once, re-tied on load
+            continue
+        seen.add(key)
+        v = v.detach().to("cpu")
+        sd[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous().clone()
+    return sd
+
+
+def save_quantized(model, quantized: dict[str, QuantizedWeight], cfg: GPTQConfig, output_dir, tokenizer=None,
+                   overwrite: bool = False, dtype: torch.dtype | None = None, report_rows: list | None = None,
+                   extra_files: dict | None = None) -> Path:
+    """Write the checkpoint atomically; returns the final directory."""
+    from safetensors.torch import save_file
+
+    out = check_output_dir(output_dir, overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or default_save_dtype(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(quantized_state_dict(model, quantized, dtype), str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config["architectures"] = config.get("architectures") or [type(model).__name__]
+        config["dtype"] = str(dtype).replace("torch.", "")
+        config.pop("torch_dtype", None)
+        qc = quantization_config(cfg)
+        config["quantization_config"] = qc
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report_rows:
+            from .report import write_report
+
+            write_report(report_rows, tmp)
+        for name, payload in (extra_files or {}).items():
+            (tmp / name).write_text(payload if isinstance(payload, str) else json.dumps(payload, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+        _swap_into_place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:  # appeared while we were working
+            raise FileExistsError(f"output_dir={str(out)!r} appeared during the export; not overwriting it.")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / out.name)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)

@@ -1,0 +1,70 @@
+"""``GPTQConfig``: every knob of the post-fit GPTQ export, validated once, before any work.
+
+The names follow the Hugging Face ``quantization_config`` of GPTQ checkpoints (``bits``, ``group_size``,
+``desc_act``, ``sym``, ``true_sequential``, ``damp_percent``) so that what the user asks for is what
+``config.json`` says.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+METHODS = ("gptq", "rtn")
+
+
+@dataclass
+class GPTQConfig:
+    """How to quantize the merged full-precision model."""
+
+    bits: int = field(default=4, metadata={"help": f"Integer width of the weights; one of {SUPPORTED_BITS}."})
+    group_size: int = field(default=128, metadata={
+        "help": "Input columns sharing one scale/zero; -1 = one per output row. A size that does not divide "
+                "a layer's in_features gives a short last group (valid GPTQ, but gptqmodel's CPU kernels and "
+                "vLLM refuse it, so qft warns)."})
+    sym: bool = field(default=True, metadata={"help": "Symmetric grid: zero fixed at 2**(bits-1)."})
+    desc_act: bool = field(default=False, metadata={
+        "help": "Act-order: quantize columns by decreasing Hessian diagonal (activation energy) first."})
+    static_groups: bool = field(default=True, metadata={
+        "help": "With desc_act, fix each group's scale/zero from the original weights before the solve, so "
+                "g_idx stays in natural order (fast kernels need no reordering)."})
+    true_sequential: bool = field(default=True, metadata={
+        "help": "Within a block, quantize layers in execution order and collect each layer's Hessian from "
+                "inputs that already went through the quantized layers before it."})
+    damp_percent: float = field(default=0.01, metadata={
+        "help": "Dampening added to the Hessian diagonal, as a fraction of its mean."})
+    damp_auto_increment: float = field(default=0.0025, metadata={
+        "help": "Added to damp_percent each time the Cholesky factorisation fails (until it succeeds)."})
+    block_size: int = field(default=128, metadata={"help": "Columns per lazy batch update of the solve."})
+    mse: bool = field(default=False, metadata={
+        "help": "Grid-search each group's clipping range for the lowest |w - q|^2.4 error (slower, sometimes "
+                "better at 2-3 bits)."})
+    mse_grid: int = field(default=100, metadata={"help": "Grid points of the clipping search."})
+    mse_maxshrink: float = field(default=0.8, metadata={"help": "Largest fraction the range may shrink by."})
+    method: str = field(default="gptq", metadata={"help": f"One of {METHODS}; 'rtn' is round-to-nearest."})
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"GPTQConfig(bits={self.bits!r}) is unsupported; allowed: {list(SUPPORTED_BITS)} "
+                             "(the GPTQ checkpoint format packs these widths).")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or \
+                not (self.group_size == -1 or self.group_size >= 1):
+            raise ValueError(f"GPTQConfig(group_size={self.group_size!r}): use a positive integer (128, 64, 32) "
+                             "or -1 for one scale per output row.")
+        if not 0 <= self.damp_percent < 1:
+            raise ValueError(f"GPTQConfig(damp_percent={self.damp_percent!r}) must be in [0, 1); 0.01 is usual.")
+        if not 0 < self.damp_auto_increment < 1:
+            raise ValueError(f"GPTQConfig(damp_auto_increment={self.damp_auto_increment!r}) must be in (0, 1); "
+                             "0.0025 is usual.")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"GPTQConfig(block_size={self.block_size!r}) must be a positive integer; 128 is usual.")
+        if self.method not in METHODS:
+            raise ValueError(f"GPTQConfig(method={self.method!r}) is unknown; allowed: {list(METHODS)}.")
+        if not isinstance(self.mse_grid, int) or self.mse_grid < 1 or not 0 <= self.mse_maxshrink < 1:
+            raise ValueError(f"GPTQConfig(mse_grid={self.mse_grid!r}, mse_maxshrink={self.mse_maxshrink!r}): "
+                             "need mse_grid >= 1 and 0 <= mse_maxshrink < 1.")
+
+    def group_for(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)

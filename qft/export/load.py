@@ -1,0 +1,72 @@
+"""``load_quantized(path)``: run an exported GPTQ checkpoint in pure torch, without gptqmodel.
+
+The model is built from ``config.json`` (its ``quantization_config`` set aside, so transformers does not
+ask for a GPTQ backend), every linear layer that has ``qweight`` in the checkpoint is swapped for a
+``qft.quant.GPTQLinear`` of the same shape, and the state dict is loaded strictly. It reads any
+"gptq"-format checkpoint with v1 zero points and int32 packing, ours or gptqmodel's.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qft.quant import GPTQLinear
+
+
+def _read_state_dict(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"load_quantized({str(path)!r}): no *.safetensors file in the directory.")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def load_quantized(path, device="cpu", dtype: torch.dtype | None = None):
+    """The exported causal LM at ``path`` with ``GPTQLinear`` layers, in eval mode on ``device``.
+
+    ``dtype`` (default: the checkpoint's) is the dtype of the non-quantized weights and of the compute.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"load_quantized({str(path)!r}): no config.json; is this an exported checkpoint?")
+    raw = json.loads((path / "config.json").read_text())
+    qc = raw.get("quantization_config") or {}
+    if qc.get("quant_method") != "gptq":
+        raise ValueError(f"load_quantized({str(path)!r}): quantization_config.quant_method is "
+                         f"{qc.get('quant_method')!r}, expected 'gptq'.")
+    fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
+    if fmt != "gptq":
+        raise ValueError(f"load_quantized: checkpoint_format={fmt!r} is not supported; only 'gptq' (v1 zero points).")
+    bits, group_size = int(qc["bits"]), int(qc["group_size"])
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    sd = _read_state_dict(path)
+    if dtype is None:
+        floats = [v.dtype for k, v in sd.items() if v.is_floating_point() and not k.endswith(".scales")]
+        dtype = floats[0] if floats else torch.float16
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and f"{name}.qweight" in sd:
+            gs = mod.in_features if group_size == -1 else group_size
+            q = GPTQLinear(mod.in_features, mod.out_features, bits, gs, bias=mod.bias is not None, dtype=dtype)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"load_quantized({str(path)!r}): checkpoint does not match the model: missing={missing[:5]} "
+                           f"unexpected={unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.to(device).eval()
