@@ -124,6 +124,11 @@ def _own_param_group(opt: torch.optim.Optimizer, params: list, mult: float, sche
     ids = {id(p) for p in params}
     if not ids or any(g.get("name") == SCALE_GROUP for g in opt.param_groups):
         return
+    holding = [g for g in opt.param_groups if any(id(p) in ids for p in g["params"])]
+    if holding and all(all(id(p) in ids for p in g["params"]) for g in holding):
+        for g in holding:  # the module already grouped them (qft_lr_scale); scales must not decay
+            g["weight_decay"] = 0.0
+        return
     source = None
     for i, g in enumerate(opt.param_groups):
         kept = [p for p in g["params"] if id(p) not in ids]

@@ -45,8 +45,9 @@ def _patterns(value, arg: str) -> tuple:
 
 
 def name_matches(name: str, patterns: Sequence[str]) -> bool:
-    """peft-style matching: a pattern matches a module name exactly, as a dotted suffix, or as a glob."""
-    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+    """peft-style matching: a pattern matches a module name exactly or as a dotted suffix; globs allowed."""
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p)
+               or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
 @dataclass

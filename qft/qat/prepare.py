@@ -80,6 +80,8 @@ def prepare(model: nn.Module, config: QATConfig) -> list:
         else:
             raise TypeError(f"QAT: module {name!r} is a {type(m).__name__}; only nn.Linear (or a peft LoRA Linear "
                             "with lora_merged=True) can be fake-quantized. Add it to `ignore`.")
+        for p in new.qat_params():
+            p.qft_lr_scale = config.lr_multiplier  # read by CausalLMModule.configure_optimizers
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         swapped.append(name)
