@@ -114,7 +114,7 @@ def _chunk_sum(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor, loss: str, tem
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                  labels: Optional[torch.Tensor] = None, *, loss: str = "forward_kl", temperature: float = 1.0,
                  beta: float = 0.5, skew_alpha: float = 0.1, chunk_size: Optional[int] = 1024,
-                 ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
+                 ignore_index: int = IGNORE_INDEX, reduction: str = "mean", vocab_slice: bool = False) -> torch.Tensor:
     """Divergence between teacher and student logits, masked, temperature-scaled, in fp32 chunks.
 
     Args:
@@ -126,19 +126,23 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         chunk_size: tokens per fp32 chunk; ``None`` processes all tokens as one chunk.
         reduction: ``"mean"`` over counted tokens (0 if none counts), ``"sum"``, or ``"none"``
             (per-token values, masked positions 0; computed without chunk checkpointing).
+        vocab_slice: when the vocab sizes differ, compare only the first ``min(V_s, V_t)`` entries
+            (for models that share a tokenizer but pad their embedding differently). Each chunk is
+            sliced on its own, so the full logits are never copied. Off: a size mismatch is an error.
 
     Returns the scalar loss (times ``temperature**2``).
     """
     check_loss_args(loss, temperature, beta, skew_alpha, chunk_size, where="distill_loss")
-    if student_logits.shape != teacher_logits.shape:
+    same_lead = student_logits.shape[:-1] == teacher_logits.shape[:-1]
+    if not same_lead or (student_logits.shape[-1] != teacher_logits.shape[-1] and not vocab_slice):
         raise ValueError(f"distill_loss: student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ in shape. Hint: vocab sizes differ? "
                          "Slice both to a common vocabulary (DistillConfig.vocab_slice=True).")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"distill_loss: reduction={reduction!r}; allowed: ['mean', 'sum', 'none'].")
-    vocab = student_logits.shape[-1]
-    s = student_logits.reshape(-1, vocab)  # a view for contiguous logits: no copy
-    t = teacher_logits.detach().reshape(-1, vocab)
+    s = student_logits.reshape(-1, student_logits.shape[-1])  # a view for contiguous logits: no copy
+    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    vocab = min(s.shape[-1], t.shape[-1])
     if labels is None:
         w = torch.ones(s.shape[0], device=s.device, dtype=torch.float32)
     else:
@@ -148,8 +152,8 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         w = (labels.reshape(-1) != ignore_index).to(torch.float32)
     scale = float(temperature) ** 2
     if reduction == "none":
-        log_q = F.log_softmax(s.float() / temperature, dim=-1)
-        log_p = F.log_softmax(t.float() / temperature, dim=-1)
+        log_q = F.log_softmax(s[:, :vocab].float() / temperature, dim=-1)
+        log_p = F.log_softmax(t[:, :vocab].float() / temperature, dim=-1)
         rows = divergence_rows(loss, log_q, log_p, beta, skew_alpha) * w * scale
         return rows.reshape(student_logits.shape[:-1])
     n = s.shape[0]
@@ -160,7 +164,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         wi = w[i:i + step]
         if not bool(wi.any()):
             continue  # nothing counted here: skip the chunk's softmaxes entirely
-        args = (s[i:i + step], t[i:i + step], wi, loss, float(temperature), float(beta), float(skew_alpha))
+        args = (s[i:i + step, :vocab], t[i:i + step, :vocab], wi, loss, float(temperature), float(beta), float(skew_alpha))
         if need_grad:
             total = total + checkpoint(_chunk_sum, *args, use_reentrant=False)
         else:
