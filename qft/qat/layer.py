@@ -46,6 +46,21 @@ class _WeightFakeQuantMixin(nn.Module):
             self.register_buffer("weight_zero", zero)
         self.input_quant = None if activation is None else ActivationFakeQuant(activation, momentum)
 
+    def _settings(self) -> dict:
+        a = self.input_quant
+        return {"weight": self.weight_scheme.to_dict(), "range_learning": self.range_learning,
+                "activation": None if a is None else a.scheme.to_dict()}
+
+    def get_extra_state(self) -> dict:
+        """The grid this layer was trained on, saved with its buffers so a mismatched load fails loudly."""
+        return self._settings()
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, dict) and state != self._settings():
+            raise ValueError(f"QAT: the checkpoint's fake-quant layer was trained with {state}, but this layer is "
+                             f"{self._settings()}. Build QATCallback with the checkpoint's settings "
+                             "(qft.qat.checkpoint_config(path) reads them).")
+
     def qat_params(self):
         """Learned-range parameters (empty without range learning)."""
         return [p for p in (self.weight_scale, self.weight_zero) if isinstance(p, nn.Parameter)]

@@ -7,7 +7,7 @@ from qft.qat import (ActQuantGPTQLinear, FakeQuantLinear, FakeQuantLoRALinear, Q
                      fake_quant_modules, prepare)
 from qft.quant import GPTQLinear, QuantScheme
 
-IDS = torch.randint(0, 2000, (2, 24), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 def logits(model):
