@@ -44,11 +44,13 @@ class QATCallback(pl.Callback):
                  activation: Optional[QuantScheme] = None, start_step: int = 0,
                  freeze_observers_step: Optional[int] = None, ignore: Sequence[str] = ("lm_head",),
                  targets: Optional[Sequence[str]] = None, range_learning: bool = False, lr_multiplier: float = 1.0,
-                 lora_merged: bool = False, observer_momentum: float = 0.01, convert_on_fit_end: bool = False):
+                 lora_merged: bool = False, observer_momentum: float = 0.01, allow_partial_groups: bool = False,
+                 convert_on_fit_end: bool = False):
         self.config = QATConfig(weight=weight, activation=activation, start_step=start_step,
                                 freeze_observers_step=freeze_observers_step, ignore=ignore, targets=targets,
                                 range_learning=range_learning, lr_multiplier=lr_multiplier, lora_merged=lora_merged,
-                                observer_momentum=observer_momentum, convert_on_fit_end=convert_on_fit_end)
+                                observer_momentum=observer_momentum, allow_partial_groups=allow_partial_groups,
+                                convert_on_fit_end=convert_on_fit_end)
         self.swapped: list = []
         self.last_step = -1
         self.converted = False

@@ -72,6 +72,9 @@ class QATConfig:
         "help": "For peft LoRA layers fake-quantize the merged W + scaling*B@A (what export writes)."})
     observer_momentum: float = field(default=0.01, metadata={
         "help": "Moving-average constant of the per_tensor activation observer (0 < m <= 1)."})
+    allow_partial_groups: bool = field(default=False, metadata={
+        "help": "Let group_size leave a short last group (in_features % group_size != 0), as the GPTQ layout "
+                "and AutoGPTQ/GPTQModel allow; off by default so a non-dividing group_size is an error."})
     convert_on_fit_end: bool = field(default=False, metadata={
         "help": "Replace fake-quant layers by packed GPTQLinear when fit ends (irreversible)."})
 
@@ -99,7 +102,7 @@ class QATConfig:
         self.targets = None if self.targets is None else _patterns(self.targets, "targets")
         if self.targets == ():
             raise ValueError("QATCallback(targets=[]): no module would be quantized; use None for every nn.Linear.")
-        for arg in ("range_learning", "lora_merged", "convert_on_fit_end"):
+        for arg in ("range_learning", "lora_merged", "allow_partial_groups", "convert_on_fit_end"):
             if not isinstance(getattr(self, arg), bool):
                 raise TypeError(f"QATCallback({arg}={getattr(self, arg)!r}): expected True or False.")
         lm = self.lr_multiplier
@@ -129,7 +132,12 @@ class QATConfig:
             raise ValueError(f"QATCallback(targets={self.targets!r}, ignore={list(self.ignore)!r}) matched no "
                              "nn.Linear in the model; check the patterns against model.named_modules().")
         for name, (in_f, out_f) in found.items():
-            self.weight.check_layer(name, in_f)
+            if not self.allow_partial_groups:
+                try:
+                    self.weight.check_layer(name, in_f)
+                except ValueError as e:
+                    raise ValueError(f"{e} Or set allow_partial_groups=True (a short last group, as in GPTQ "
+                                     "checkpoints).") from None
             if in_f % 32 or out_f % 32:
                 raise ValueError(f"QATCallback: module {name!r} has in_features={in_f}, out_features={out_f}; "
                                  "the GPTQ layout that convert/export write packs both in multiples of 32. Add "

@@ -22,10 +22,13 @@ class _STEFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero, maxq):
-        q = torch.round(x / scale) + zero
-        inside = (q >= 0) & (q <= maxq)
-        ctx.save_for_backward(inside)
-        return scale * (torch.clamp(q, 0, maxq) - zero)
+        # In-place chain: two fp32 temporaries and a bool mask; the values are exactly
+        # ``grid.dequantize(grid.quantize(x))`` (same ops, same order), which convert relies on.
+        q = torch.div(x, scale)
+        q.round_().add_(zero)
+        out = torch.clamp(q, 0, maxq)
+        ctx.save_for_backward(out == q)  # inside the grid <=> clamp did nothing
+        return out.sub_(zero).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):

@@ -30,7 +30,8 @@ class _WeightFakeQuantMixin(nn.Module):
         self.in_features, self.out_features = in_f, out_f
         self.weight_scheme, self.range_learning = weight, range_learning
         self.group = weight.group_for(in_f)
-        n_groups = in_f // self.group
+        n_groups = -(-in_f // self.group)  # a short last group (GPTQ allows it) is zero-padded
+        self.pad = n_groups * self.group - in_f
         self.register_buffer("qat_enabled", torch.ones((), dtype=torch.bool, device=device))
         self.register_buffer("qat_initialized", torch.zeros((), dtype=torch.bool, device=device))
         scale = torch.ones(out_f, n_groups, device=device)
@@ -68,7 +69,8 @@ class _WeightFakeQuantMixin(nn.Module):
     def fake_quant_weight(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` ``[out, in]`` on the export grid (float32), with STE/LSQ gradients."""
         s = self.weight_scheme
-        wg = grouped(w.float(), self.group)
+        w = self._padded(w)
+        wg = grouped(w, self.group)
         if self.range_learning:
             if not bool(self.qat_initialized):
                 scale, zero = weight_params(w, s)
@@ -85,13 +87,21 @@ class _WeightFakeQuantMixin(nn.Module):
                 self.weight_zero.copy_(zero)
                 self.qat_initialized.fill_(True)
             out = ste_fake_quant(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), s.maxq)
-        return out.reshape(w.shape)
+        out = out.reshape(w.shape)
+        return out[:, : self.in_features] if self.pad else out
+
+    def _padded(self, w: torch.Tensor) -> torch.Tensor:
+        """fp32 weight with zero columns appended to fill a short last group. Zeros never change a
+        group's range (ranges always include 0), so the scales equal those of the short group."""
+        w = w.float()
+        return F.pad(w, (0, self.pad)) if self.pad else w
 
     def export_params(self, w: torch.Tensor):
         """``(codes [out,in] int32, scale [out,G], zero [out,G])`` exactly as the forward uses them."""
-        from qft.quant.grid import expand_groups, fp16_scale, quantize
+        from qft.quant.grid import fp16_scale, quantize
 
         s = self.weight_scheme
+        w = self._padded(w.detach())
         if self.range_learning and bool(self.qat_initialized):
             scale = fp16_scale(self.weight_scale.detach().float())
             zero = self.weight_zero.detach().float()
@@ -99,8 +109,8 @@ class _WeightFakeQuantMixin(nn.Module):
                 zero = torch.clamp(torch.round(zero), 1, s.maxq)
         else:
             scale, zero = weight_params(w, s)
-        codes = quantize(grouped(w.detach().float(), self.group), scale.unsqueeze(-1), zero.unsqueeze(-1), s.maxq)
-        return codes.reshape(w.shape).to(torch.int32), scale, zero
+        codes = quantize(grouped(w, self.group), scale.unsqueeze(-1), zero.unsqueeze(-1), s.maxq).reshape(w.shape)
+        return codes[:, : self.in_features].to(torch.int32), scale, zero
 
     def _unused_qat_params(self) -> torch.Tensor:
         """0 * learned params: keeps them in the autograd graph while fake-quant is off (DDP needs every

@@ -110,3 +110,27 @@ def test_prepare_after_convert_is_a_clear_error(tiny_llama):
     convert(tiny_llama)
     with pytest.raises(RuntimeError, match="already converted"):
         prepare(tiny_llama, QATConfig(weight=QuantScheme(bits=4, group_size=64)))
+
+
+def test_partial_last_group_is_opt_in_and_exact():
+    """in_features=96 with group 64: an error by default; with allow_partial_groups the short group gets
+    the scale of its own 32 columns (what a GPTQ exporter computes) and converts exactly."""
+    from qft.quant.grid import fp16_scale, scale_zero_from_range
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 64))
+    scheme = QuantScheme(bits=4, group_size=64, symmetric=False)
+    with pytest.raises(ValueError, match="allow_partial_groups"):
+        prepare(model, QATConfig(weight=scheme))
+    prepare(model, QATConfig(weight=scheme, allow_partial_groups=True))
+    layer = model[0]
+    x = torch.randn(5, 96)
+    layer.train()
+    y = layer(x)
+    w = layer.weight.detach()
+    s_tail, _ = scale_zero_from_range(w[:, 64:].amin(1), w[:, 64:].amax(1), 4, False)
+    assert layer.weight_scale.shape == (64, 2)
+    assert torch.equal(layer.weight_scale[:, 1], fp16_scale(s_tail))
+    convert(model)
+    assert isinstance(model[0], GPTQLinear)
+    assert torch.allclose(model[0](x), y.detach(), atol=1e-6, rtol=0)
