@@ -20,6 +20,19 @@ SCALE_GROUP = "qat_scales"
 class QATCallback(pl.Callback):
     """Fake-quantize target linears on the export grid while training; optionally convert at the end.
 
+    Args (details in ``QATConfig``'s field help):
+        weight: the weight grid, a ``QuantScheme`` (or dict): per_group/per_channel, 2-8 bits, sym/asym.
+        activation: ``None``, ``QuantScheme(bits=8, granularity="per_token", dynamic=True)`` or a
+            ``per_tensor`` scheme (moving-average min/max observer, all-reduced across DDP ranks).
+        start_step: global step from which fake-quant is on (plain training before).
+        freeze_observers_step: global step from which activation observers stop updating.
+        ignore / targets: module-name patterns (exact, dotted suffix or glob) excluded / included.
+        range_learning, lr_multiplier: LSQ-learned scales (and asymmetric zeros) at ``lr * lr_multiplier``.
+        lora_merged: for peft LoRA layers, fake-quantize ``W + scaling * B @ A`` (the merged export weight).
+        observer_momentum: moving-average constant of per_tensor observers.
+        allow_partial_groups: accept a short last group when ``group_size`` does not divide ``in_features``.
+        convert_on_fit_end: convert to packed ``GPTQLinear`` when fit ends.
+
     Lifecycle:
     - ``__init__``: every argument is validated (``QATConfig``); bad schemes fail here.
     - ``setup`` (any stage): registers the swap with ``qft.hooks.when_model_ready(..., "final")``, which
