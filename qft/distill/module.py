@@ -9,7 +9,7 @@ import torch
 from ..module import CausalLMModule
 from .config import DistillConfig
 from .hidden import HiddenStateLoss
-from .losses import distill_loss, shift_labels
+from .losses import kd_ce_loss, shift_labels
 from .teacher import Teacher
 
 
@@ -84,27 +84,25 @@ class DistillationModule(CausalLMModule):
         want_hidden = self.hidden_loss is not None
         labels = batch["labels"]
         t_logits, t_hidden = self.teacher.forward(self, batch, hidden=want_hidden)
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels,
+        # No labels to the model: CE is computed with KD in one chunked fp32 pass (kd_ce_loss), so the
+        # logits are never upcast whole (Hugging Face's CE would copy them to fp32).
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                          output_hidden_states=want_hidden)
-        ce = out.loss
-        kd = distill_loss(out.logits, t_logits, shift_labels(labels), loss=cfg.loss, temperature=cfg.temperature,
-                          beta=cfg.beta, skew_alpha=cfg.skew_alpha, chunk_size=cfg.chunk_size,
-                          vocab_slice=cfg.vocab_slice)
+        r = self.kd_ratio_now() if stage == "train" else 0.0
+        loss, ce, kd = kd_ce_loss(out.logits, t_logits, shift_labels(labels), r, loss=cfg.loss,
+                                  temperature=cfg.temperature, beta=cfg.beta, skew_alpha=cfg.skew_alpha,
+                                  chunk_size=cfg.chunk_size, vocab_slice=cfg.vocab_slice)
         bs = batch["input_ids"].shape[0]
         self._log(f"{stage}/ce", ce, bs)
         self._log(f"{stage}/kd", kd, bs)
-        hid = None
         if want_hidden:
-            mask = batch.get("attention_mask")
-            hid = self.hidden_loss(out.hidden_states, t_hidden, mask)
+            hid = self.hidden_loss(out.hidden_states, t_hidden, batch.get("attention_mask"))
             self._log(f"{stage}/hidden", hid, bs)
+            if stage == "train":
+                loss = loss + cfg.hidden_weight * hid
         if stage != "train":
-            return ce
-        r = self.kd_ratio_now()
+            return ce  # validation/test: plain CE, so {stage}/ppl stays a perplexity
         self._log("train/kd_ratio", torch.tensor(r), bs)
-        loss = (1.0 - r) * ce + r * kd
-        if hid is not None:
-            loss = loss + cfg.hidden_weight * hid
         return loss
 
     def _log(self, name: str, value: torch.Tensor, bs: int) -> None:

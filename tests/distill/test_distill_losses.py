@@ -174,3 +174,49 @@ def test_shape_mismatch_hints_at_vocab_slice():
 def test_divergence_rows_rejects_unknown_name():
     with pytest.raises(ValueError, match="allowed"):
         divergence_rows("nope", torch.zeros(1, 2), torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("ratio, T, chunk", [(0.0, 1.0, 3), (0.3, 1.0, None), (0.7, 2.0, 4), (1.0, 1.0, 1)])
+def test_kd_ce_loss_is_the_mixture_of_reference_ce_and_kd(ratio, T, chunk):
+    from qft.distill import kd_ce_loss
+
+    s, t = _rand(n=7, seed=7)
+    labels = torch.randint(0, 17, s.shape[:-1])
+    labels[1, :4] = -100
+    s1 = s.clone().requires_grad_()
+    ce_ref = F.cross_entropy(s1.reshape(-1, 17), labels.reshape(-1), ignore_index=-100)
+    kd_ref = distill_loss(s1, t, labels, loss="jsd", beta=0.3, temperature=T, chunk_size=None)
+    ref = (1 - ratio) * ce_ref + ratio * kd_ref
+    ref.backward()
+    s2 = s.clone().requires_grad_()
+    loss, ce, kd = kd_ce_loss(s2, t, labels, ratio, loss="jsd", beta=0.3, temperature=T, chunk_size=chunk)
+    (loss * 3).backward()  # a non-unit upstream gradient is applied
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(ce, ce_ref.detach())
+    torch.testing.assert_close(kd, kd_ref.detach())
+    torch.testing.assert_close(s2.grad, 3 * s1.grad)
+    assert not ce.requires_grad and not kd.requires_grad
+
+
+def test_vocab_slice_compares_the_common_prefix_and_ce_uses_the_full_vocab():
+    from qft.distill import kd_ce_loss
+
+    s, t = _rand(v=20, seed=8)
+    t = t[..., :17].contiguous()
+    with pytest.raises(ValueError, match="vocab_slice"):
+        distill_loss(s, t)
+    torch.testing.assert_close(distill_loss(s, t, vocab_slice=True, chunk_size=5),
+                               distill_loss(s[..., :17].contiguous(), t))
+    labels = torch.randint(0, 20, s.shape[:-1])
+    _, ce, _ = kd_ce_loss(s, t, labels, 0.5, vocab_slice=True)
+    torch.testing.assert_close(ce, F.cross_entropy(s.reshape(-1, 20), labels.reshape(-1)))
+
+
+def test_gradient_is_computed_only_when_needed():
+    s, t = _rand(seed=9)
+    with torch.no_grad():
+        v = distill_loss(s.clone().requires_grad_(), t)
+    assert not v.requires_grad
+    s1 = s.clone().requires_grad_()
+    distill_loss(s1, t, chunk_size=2).backward()
+    assert s1.grad is not None and s1.grad.shape == s.shape
