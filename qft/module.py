@@ -15,12 +15,17 @@ Lifecycle
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
 from . import hooks, models
+from .data.tokenize import IGNORE
 from .qlora import QUANTIZATIONS, quantize_nf4
 
 ADAPTERS = ("none", "lora")
@@ -38,6 +43,38 @@ def bf16_supported(device: torch.device | str = "cpu") -> bool:
         return bool(bnbF.has_avx512bf16())
     except Exception:
         return False
+
+
+def causal_lm_loss(model, batch: dict) -> torch.Tensor:
+    """Next-token cross-entropy, mean over labelled tokens, as HF computes it, but the LM head runs
+    only at positions that predict a label. Instruction data labels only the response, so this skips
+    most of the vocabulary projection (and its logits' memory) on prompt tokens."""
+    labels = batch["labels"]
+    target = labels[:, 1:]
+    keep = (target != IGNORE).any(0).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        raise ValueError("causal_lm_loss: the batch has no labelled tokens (every label is -100).")
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target[:, keep].flatten(),
+                                             ignore_index=IGNORE)
+
+
+def save_adapter(peft_model, root, name: str = "adapter") -> "Path":
+    """Write peft adapters into ``root/name`` (or ``name-1``, ``name-2``... if taken) via a temp dir + rename."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    target, i = root / name, 0
+    while target.exists():
+        i += 1
+        target = root / f"{name}-{i}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        peft_model.save_pretrained(tmp)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _check_choice(name, value, allowed):
@@ -61,13 +98,16 @@ class CausalLMModule(pl.LightningModule):
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with linear warmup and a cosine decay to
             ``min_lr_ratio * lr`` over the trainer's stepping batches.
         seed: seed of the built-in random model (tiny-llama).
+        save_adapter: at fit end (rank zero), also write the adapters in peft's format
+            (``adapter_config.json`` + ``adapter_model.safetensors``) to ``<log_dir>/adapter``, a fresh
+            ``adapter-N`` if that exists; ``self.adapter_dir`` tells where.
     """
 
     def __init__(self, model: str = "smollm2-135m", quantization: str = "none", compute_dtype: str = "auto",
                  adapter: str = "none", lora_r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
                  target_modules: str | list[str] = "all-linear", gradient_checkpointing: bool = False,
                  lr: float = 2e-4, weight_decay: float = 0.0, warmup_steps: int = 0, min_lr_ratio: float = 0.1,
-                 seed: int = 0):
+                 seed: int = 0, save_adapter: bool = True):
         super().__init__()
         _check_choice("quantization", quantization, QUANTIZATIONS)
         _check_choice("compute_dtype", compute_dtype, ("auto", *DTYPES))
@@ -96,6 +136,7 @@ class CausalLMModule(pl.LightningModule):
         self.alpha_pattern: dict[str, float] = {}
         self.strict_loading = False  # checkpoints omit frozen base weights
         self._t_batch = None
+        self.adapter_dir: str | None = None
 
     # ------------------------------------------------------------------ model
     @property
@@ -135,8 +176,7 @@ class CausalLMModule(pl.LightningModule):
 
     def step_loss(self, batch: dict, stage: str) -> torch.Tensor:
         """Loss of one batch; subclasses (distillation) override this, not the step methods."""
-        return self(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    labels=batch["labels"]).loss
+        return causal_lm_loss(self.model, batch)
 
     # --------------------------------------------------------------- training
     def on_train_batch_start(self, batch, batch_idx):
@@ -193,6 +233,12 @@ class CausalLMModule(pl.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if not (self.hparams.save_adapter and self.hparams.adapter == "lora" and self.trainer.is_global_zero):
+            return
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        self.adapter_dir = str(save_adapter(self.model, root))
 
     # ------------------------------------------------------------ checkpoints
     def frozen_state_keys(self) -> set[str]:

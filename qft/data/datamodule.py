@@ -79,7 +79,8 @@ class QFTDataModule(pl.LightningDataModule):
             ``seq_len`` blocks) or ``instruct`` (JSON/JSONL with instruction/input/output or ``messages``,
             rendered with the tokenizer's chat template, loss on the response only).
         path: the local file for ``text`` and ``instruct``.
-        tokenizer: model name whose tokenizer to use (the CLI links it to ``model.model``).
+        tokenizer: model name whose tokenizer to use; ``None`` takes the attached LightningModule's
+            ``hparams.model`` (so ``--model.init_args.model=X`` alone switches both).
         seq_len: block length for ``text``; the truncation length for chat examples.
         batch_size, num_workers: DataLoader settings.
         val_fraction: held-out share for ``text`` (by characters) and ``instruct`` (by records).
@@ -87,7 +88,7 @@ class QFTDataModule(pl.LightningDataModule):
         seed: split and shuffle seed.
     """
 
-    def __init__(self, task: str = "synthetic", path: str | None = None, tokenizer: str = "smollm2-135m",
+    def __init__(self, task: str = "synthetic", path: str | None = None, tokenizer: str | None = None,
                  seq_len: int = 512, batch_size: int = 8, num_workers: int = 0, val_fraction: float = 0.1,
                  num_train: int = 2000, num_val: int = 200, seed: int = 0):
         super().__init__()
@@ -110,18 +111,26 @@ class QFTDataModule(pl.LightningDataModule):
         self._tok = None
 
     @property
+    def model_name(self) -> str:
+        if self.hparams.tokenizer:
+            return self.hparams.tokenizer
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        name = getattr(getattr(module, "hparams", None), "model", None)
+        return name or "smollm2-135m"
+
+    @property
     def tokenizer(self):
         if self._tok is None:
-            self._tok = models.load_tokenizer(self.hparams.tokenizer)
+            self._tok = models.load_tokenizer(self.model_name)
         return self._tok
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set:
             return
         hp = self.hparams
-        limit = models.max_length(hp.tokenizer)
+        limit = models.max_length(self.model_name)
         if hp.seq_len > limit:
-            raise ValueError(f"QFTDataModule(seq_len={hp.seq_len}) is longer than model {hp.tokenizer!r} "
+            raise ValueError(f"QFTDataModule(seq_len={hp.seq_len}) is longer than model {self.model_name!r} "
                              f"supports (max_position_embeddings={limit}).")
         tok = self.tokenizer
         if hp.task == "text":

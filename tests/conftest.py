@@ -1,0 +1,28 @@
+"""Shared fixtures: the reference data directory and small models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("QFT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the repo (WikiText-2 test, Tiny Shakespeare); skip when absent."""
+    if not (SHARED_DATA / "tinyshakespeare.txt").is_file():
+        pytest.skip(f"reference data not found at {SHARED_DATA} (expected ../shared/data beside the repo)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from qft.models import load_tokenizer
+
+    return load_tokenizer("tiny-llama")
