@@ -41,13 +41,15 @@ def _load_rows(path: str, kind: str) -> list[dict]:
 
 def instruct_messages(row: dict, path: str) -> list[dict]:
     """A chat ``messages`` list from either ``messages`` or ``instruction``/``input``/``output`` columns."""
-    if "messages" in row:
+    if row.get("messages"):
         return row["messages"]
     for col in ("instruction", "output"):
         if col not in row:
             raise KeyError(f"QFTDataModule(path={path!r}): missing column {col!r}; instruction data needs "
                            f"'instruction' and 'output' (and optional 'input'), or chat 'messages'. "
                            f"Found columns: {sorted(row)}.")
+    if row["instruction"] is None or row["output"] is None:
+        raise ValueError(f"QFTDataModule(path={path!r}): a record has neither 'messages' nor 'instruction'/'output': {row}.")
     user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
     return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
 
