@@ -12,7 +12,7 @@ def _fit(cb, steps=2, **module_kw):
     from qft.module import CausalLMModule
 
     module = CausalLMModule(model="tiny-llama", compute_dtype="float32", lr=1e-3, weight_decay=0.1, **module_kw)
-    data = QFTDataModule(task="synthetic", tokenizer="tiny-llama", seq_len=32, batch_size=2, num_train=8, num_val=2)
+    data = QFTDataModule(task="synthetic", tokenizer="tiny-llama", seq_len=48, batch_size=2, num_train=8, num_val=2)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, callbacks=[cb], logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          limit_val_batches=0, num_sanity_val_steps=0)
