@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 from qft.quant import QuantScheme
 from qft.quant.scheme import GRANULARITIES, WEIGHT_GRANULARITIES

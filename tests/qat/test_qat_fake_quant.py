@@ -5,7 +5,7 @@ import torch
 from qft.qat.fake_quant import grouped, lsq_fake_quant, per_token_params, ste_fake_quant
 from qft.qat.observer import ActivationFakeQuant
 from qft.quant import QuantScheme
-from qft.quant.grid import expand_groups, fp16_scale, rtn_fake_quant_weight, weight_params
+from qft.quant.grid import fp16_scale, rtn_fake_quant_weight, weight_params
 
 
 @pytest.mark.parametrize("bits,sym,gran", [(4, True, "per_group"), (3, False, "per_group"), (2, False, "per_channel"),

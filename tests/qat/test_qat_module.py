@@ -1,7 +1,6 @@
 """QATCallback with qft's own CausalLMModule: the swap happens inside configure_model, errors come before training."""
 import pytest
 import pytorch_lightning as pl
-import torch
 
 from qft.qat import FakeQuantLinear, FakeQuantLoRALinear, QATCallback
 from qft.quant import QuantScheme
