@@ -73,8 +73,9 @@ class PRILoRACallback(pl.Callback):
         then registers a forward pre-hook on each ``lora_A`` (input EMA) and a gradient hook on each
         ``lora_A.weight`` (multiplies the gradient by the mask).
     - ``on_fit_start``: resolves ``start_step``/``end_step`` (None = 10% / 80% of the run).
-    - every training forward: the pre-hook updates ``ema_j <- beta*ema_j + (1-beta)*mean_tokens(x_j^2)``, only
-      when the module is in training mode with grad enabled (not in validation, not in checkpoint recompute).
+    - every training forward up to ``end_step``: the pre-hook updates
+      ``ema_j <- beta*ema_j + (1-beta)*mean_tokens(x_j^2)``, only when the module is in training mode with grad
+      enabled (not in validation, not in checkpoint recompute). After ``end_step`` no mask changes, so it stops.
     - backward: pruned entries get zero gradient (tensor hook), so DDP all-reduces masked gradients.
     - ``on_train_batch_end`` (after the optimizer step, before the next forward): re-applies every mask to
       ``A`` (Adam's momentum would otherwise revive pruned entries), then, if ``trainer.global_step`` is a
@@ -115,6 +116,7 @@ class PRILoRACallback(pl.Callback):
         self._handles = []
         self._pending_state: Optional[dict] = None
         self._registered = False
+        self._collecting = True  # EMA updates stop after end_step: no pruning decision needs them then
 
     # ------------------------------------------------------------------ model hooks
     def setup(self, trainer, pl_module, stage):
@@ -192,7 +194,7 @@ class PRILoRACallback(pl.Callback):
 
     def _make_observer(self, mod_name):
         def observe(module, args):
-            if not (module.training and torch.is_grad_enabled()) or _in_backward() or not args:
+            if not (self._collecting and module.training and torch.is_grad_enabled()) or _in_backward() or not args:
                 return
             x = args[0].detach()
             stat = x.float().pow(2).reshape(-1, x.shape[-1]).mean(0)
@@ -214,6 +216,7 @@ class PRILoRACallback(pl.Callback):
             self.start_step, self.end_step = self.config.resolve_steps(trainer.estimated_stepping_batches)
 
     def on_train_start(self, trainer, pl_module):
+        self._collecting = trainer.global_step < self.end_step
         self.apply_masks()
 
     @torch.no_grad()
@@ -232,6 +235,7 @@ class PRILoRACallback(pl.Callback):
             self.prune(step)
             if self.config.log:
                 pl_module.log_dict(self.metrics(), on_step=True, on_epoch=False, logger=True, rank_zero_only=True)
+        self._collecting = step < self.end_step
 
     def _all_reduce_emas(self) -> None:
         """Average the EMAs over DDP ranks so every rank scores (and masks) identically."""

@@ -39,7 +39,7 @@ def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path):
     for name in full_cb.masks:
         assert torch.equal(res_cb.masks[name], full_cb.masks[name]), name
         assert torch.allclose(res_cb.emas[name], full_cb.emas[name], rtol=1e-5, atol=1e-7), name
-        assert res_cb.ema_counts[name] == full_cb.ema_counts[name] == 12
+        assert res_cb.ema_counts[name] == full_cb.ema_counts[name] == 10  # collected up to end_step
     assert full_w.keys() == res_w.keys()
     for k in full_w:
         assert torch.allclose(res_w[k], full_w[k], rtol=1e-5, atol=1e-6), k
