@@ -18,6 +18,7 @@ import warnings
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import GPTQConfig
@@ -216,41 +217,74 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
         lins = block_linears(block)
         if groups is None:
             groups = discover_groups(block, *cache[0])
-        position = {n: k for k, g in enumerate(groups) for n in g}
         stages = [[g] for g in groups] if cfg.true_sequential else [groups]
-        for stage in stages:
-            t0 = time.perf_counter()
-            accs = {g[0]: HessianAccumulator(lins[g[0]].in_features, device) for g in stage}
-            handles = []
-            for g in stage:
-                acc = accs[g[0]]
-                handles.append(lins[g[0]].register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0])))
-            last = max((n for g in stage for n in g), key=lambda n: (position[n], groups[position[n]].index(n)))
-            handles.append(lins[last].register_forward_pre_hook(_stop))  # after the Hessian hooks
-            try:
-                with torch.inference_mode():
-                    for hidden, kw in cache:
-                        try:
-                            _run_block(block, hidden, kw)
-                        except _StopForward:
-                            pass
-            finally:
-                for h in handles:
-                    h.remove()
-            fwd_s = time.perf_counter() - t0
+        next_cache = None
+        for si, stage in enumerate(stages):
+            # The last stage of a true-sequential block is usually one linear layer whose output is added
+            # to the block output (Llama's down_proj). Then the block need not be run again afterwards:
+            # next input = output with the old weight + x @ (W_q - W)^T, checked on one batch below.
+            tail = cfg.true_sequential and si == len(stages) - 1 and len(stage[0]) == 1 and i + 1 < len(blocks)
+            stage_out = _collect_stage(block, lins, stage, cache, device, cfg.fast_hessian, keep=tail)
+            accs, fwd_s, outs, tail_inputs = stage_out
             for g in stage:
                 t1 = time.perf_counter()
+                old = lins[g[0]].weight.detach().clone() if tail else None
                 W = torch.cat([lins[n].weight for n in g], 0)
                 qw = gptq_solve(W, accs[g[0]].hessian(), cfg)
-                commit(i, g, lins, _to_cpu(qw), time.perf_counter() - t1 + fwd_s / len(stage),
-                       accs[g[0]].n_tokens)
-            del accs
+                commit(i, g, lins, _to_cpu(qw), time.perf_counter() - t1 + fwd_s / len(stage), accs[g[0]].n_tokens)
+            if tail:
+                delta = lins[stage[0][0]].weight - old
+                with torch.inference_mode():
+                    next_cache = [(o + F.linear(x, delta), kw) for o, x, (_, kw) in zip(outs, tail_inputs, cache)]
+                if not _tail_matches(block, cache[0], next_cache[0][0]):
+                    next_cache = None
+            del accs, outs, tail_inputs
         if i + 1 < len(blocks):
-            with torch.inference_mode():
-                cache = [(_run_block(block, hidden, kw), kw) for hidden, kw in cache]
+            if next_cache is None:
+                with torch.inference_mode():
+                    next_cache = [(_run_block(block, hidden, kw), kw) for hidden, kw in cache]
+            cache = next_cache
         block.to(home)
     bar.close()
     return quantized, rows
+
+
+def _collect_stage(block, lins, stage, cache, device, fast_hessian, keep=False):
+    """Run the cached inputs through ``block`` to accumulate the Hessians of ``stage``'s groups.
+
+    Without ``keep`` the forward stops at the pre-hook of the last group's first layer (its input is all
+    the group needs). With ``keep`` it runs to the end and returns the outputs and that layer's inputs.
+    """
+    t0 = time.perf_counter()
+    accs = {g[0]: HessianAccumulator(lins[g[0]].in_features, device, fast=fast_hessian) for g in stage}
+    handles = [lins[g[0]].register_forward_pre_hook(lambda m, a, acc=accs[g[0]]: acc.add(a[0])) for g in stage]
+    last = stage[-1][0]  # groups are in execution order
+    inputs, outs = [], []
+    if keep:
+        handles.append(lins[last].register_forward_pre_hook(lambda m, a: inputs.append(a[0])))
+    else:
+        handles.append(lins[last].register_forward_pre_hook(_stop))  # after the Hessian hook
+    try:
+        with torch.inference_mode():
+            for hidden, kw in cache:
+                try:
+                    out = _run_block(block, hidden, kw)
+                    if keep:
+                        outs.append(out)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return accs, time.perf_counter() - t0, outs, inputs
+
+
+def _tail_matches(block, first, shortcut, tol: float = 2e-2) -> bool:
+    """Does ``output + x @ dW^T`` reproduce a real forward of the quantized block (batch 0)?"""
+    with torch.inference_mode():
+        ref = _run_block(block, *first).float()
+    err = float((ref - shortcut.float()).norm() / ref.norm().clamp_min(1e-12))
+    return err < tol
 
 
 def _stop(module, args):

@@ -1,0 +1,232 @@
+"""qft's pure-torch GPTQ against GPTQModel on SmolLM2-135M (bf16), WikiText-2, 4-bit symmetric.
+
+    python benchmarks/gptq_vs_gptqmodel.py --out F.json [--groups 128 64] [--n-samples 128] [--seq-len 512]
+
+Setup (issue 6 / shared/data/README.md conventions): the whole of ../shared/data/wikitext2_test.raw is
+tokenised; perplexity is measured on the first 16 windows of 1024 tokens; the 128 x 512 calibration
+tokens come from the second half (disjoint). Every quantizer writes a GPTQ checkpoint and every
+checkpoint is evaluated by the same code (``qft.export.load_quantized``, bf16), so the perplexities
+compare the exported artefacts, not each tool's in-memory model.
+
+Each quantizer runs in its own subprocess, so its peak RSS (ru_maxrss) is its own: qft in this
+interpreter, GPTQModel in the interop venv (``--interop-python``, default /work/venv-interop/bin/python;
+skipped with a note when gptqmodel does not import there), with its defaults except bits/group/sym and
+``GPTQMODEL_CPU_WORKERS=2``. Timed: the quantization call only (not model load, not save).
+``forward_pass_s`` is one plain bf16 forward of the full model over the calibration set, the floor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT / ".." / "shared" / "data" / "wikitext2_test.raw"
+INTEROP = "/work/venv-interop/bin/python"
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def tokens(model_name, n_samples, seq_len, eval_windows, eval_len):
+    from qft.export.calibration import calibration_tokens
+    from qft.models import load_tokenizer
+
+    if not DATA.is_file():
+        sys.exit(f"missing {DATA}: the benchmark needs the shared WikiText-2 file")
+    tok = load_tokenizer(model_name)
+    ids = torch.tensor(tok(DATA.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+    ev = ids[: eval_windows * eval_len].reshape(eval_windows, eval_len)
+    calib = calibration_tokens(ids[ids.numel() // 2:], n_samples=n_samples, seq_len=seq_len)
+    return ev, calib
+
+
+@torch.inference_mode()
+def perplexity(model, ev, batch=4) -> float:
+    nll, n = 0.0, 0
+    for b in ev.split(batch):
+        out = model(input_ids=b, labels=b)
+        k = b.numel() - b.shape[0]
+        nll += float(out.loss) * k
+        n += k
+    return float(torch.exp(torch.tensor(nll / n)))
+
+
+@torch.inference_mode()
+def forward_pass_s(model, calib, batch=16) -> float:
+    t0 = time.perf_counter()
+    for b in calib.split(batch):
+        model(input_ids=b, use_cache=False)
+    return time.perf_counter() - t0
+
+
+# ---- workers (run in their own process) -------------------------------------------------------------
+def worker_qft(a):
+    from qft.export import GPTQConfig, quantize_model, save_quantized
+    from qft.models import load
+
+    model, tok = load(a.model, dtype=torch.bfloat16)
+    calib = torch.load(a.tokens)
+    cfg = GPTQConfig(bits=4, group_size=a.group, sym=True, **json.loads(a.qft_args))
+    t0 = time.perf_counter()
+    quantized, rows = quantize_model(model, cfg, calib, batch_size=16, progress=False)
+    secs = time.perf_counter() - t0
+    save_quantized(model, quantized, cfg, a.save, tokenizer=tok, report_rows=rows)
+    Path(a.result).write_text(json.dumps({"s": secs, "peak_rss_mb": rss_mb(), "config": cfg.to_dict()}))
+
+
+def worker_gptqmodel(a):
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    from qft.models import smollm2_path
+
+    path = str(smollm2_path()) if a.model == "smollm2-135m" else a.model
+    calib = torch.load(a.tokens)
+    data = [{"input_ids": r.tolist(), "attention_mask": [1] * r.numel()} for r in calib]
+    qc = QuantizeConfig(bits=4, group_size=a.group, sym=True)
+    model = GPTQModel.load(path, qc, dtype=torch.bfloat16, device="cpu")
+    t0 = time.perf_counter()
+    model.quantize(data)
+    secs = time.perf_counter() - t0
+    tmp = Path(a.save)
+    model.save(str(tmp))
+    Path(a.result).write_text(json.dumps({"s": secs, "peak_rss_mb": rss_mb(),
+                                          "config": {k: str(v) for k, v in vars(qc).items()}}))
+
+
+def run_worker(python, kind, group, tok_file, workdir, model, qft_args, env=None):
+    save = workdir / f"{kind}-g{group}"
+    res = workdir / f"{kind}-g{group}.json"
+    cmd = [python, __file__, "--worker", kind, "--group", str(group), "--tokens", str(tok_file), "--save", str(save),
+           "--result", str(res), "--model", model, "--qft-args", qft_args]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    if p.returncode:
+        print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
+        return None, None
+    info = json.loads(res.read_text())
+    info["wall_s"] = time.perf_counter() - t0
+    return info, save
+
+
+def interop_ok(python) -> str | None:
+    if not Path(python).exists():
+        return f"{python} not found"
+    p = subprocess.run([python, "-c", "import gptqmodel, optimum"], capture_output=True, text=True)
+    return None if p.returncode == 0 else "gptqmodel/optimum do not import: " + p.stderr.strip()[-300:]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=False, help="JSON file to write (refuses to overwrite unless --force)")
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--groups", type=int, nargs="+", default=[128, 64])
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-len", type=int, default=1024)
+    ap.add_argument("--interop-python", default=INTEROP)
+    ap.add_argument("--skip-gptqmodel", action="store_true")
+    ap.add_argument("--qft-args", default="{}", help="extra GPTQConfig fields as JSON, e.g. '{\"desc_act\": true}'")
+    ap.add_argument("--keep", default=None, help="directory to keep the checkpoints in")
+    # worker mode
+    ap.add_argument("--worker", choices=["qft", "gptqmodel"])
+    ap.add_argument("--group", type=int)
+    ap.add_argument("--tokens")
+    ap.add_argument("--save")
+    ap.add_argument("--result")
+    a = ap.parse_args()
+    if a.worker:
+        return (worker_qft if a.worker == "qft" else worker_gptqmodel)(a)
+    if not a.out:
+        ap.error("--out F.json is required")
+    if Path(a.out).exists() and not a.force:
+        sys.exit(f"{a.out} exists; pass --force to replace it")
+
+    from qft.export import GPTQConfig, load_quantized, quantize_model
+    from qft.models import load
+
+    torch.manual_seed(0)
+    ev, calib = tokens(a.model, a.n_samples, a.seq_len, a.eval_windows, a.eval_len)
+    workdir = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="gptq-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    tok_file = workdir / "calib.pt"
+    torch.save(calib, tok_file)
+    result = {"model": a.model, "dtype": "bfloat16", "calibration": list(calib.shape),
+              "eval": [a.eval_windows, a.eval_len], "cpu_threads": torch.get_num_threads(),
+              "machine": os.uname().nodename, "runs": {}}
+
+    model, _ = load(a.model, dtype=torch.bfloat16)
+    model.eval()
+    result["fp_ppl"] = perplexity(model, ev)
+    result["forward_pass_s"] = forward_pass_s(model, calib)
+    print(f"fp_ppl {result['fp_ppl']:.3f}  forward_pass_s {result['forward_pass_s']:.1f}", flush=True)
+    del model
+
+    skip = "--skip-gptqmodel" if a.skip_gptqmodel else interop_ok(a.interop_python)
+    if skip:
+        result["gptqmodel_skipped"] = skip
+    for g in a.groups:
+        r = {}
+        m, _ = load(a.model, dtype=torch.bfloat16)
+        quantize_model(m, GPTQConfig(bits=4, group_size=g, method="rtn"), progress=False)
+        r["rtn_ppl"] = perplexity(m.eval(), ev)
+        del m
+        order = [("qft", sys.executable, None)]
+        if not skip:
+            order.append(("gptqmodel", a.interop_python, {"GPTQMODEL_CPU_WORKERS": "2"}))
+        for kind, py, env in order:  # side by side, same machine state
+            info, ckpt = run_worker(py, kind, g, tok_file, workdir, a.model, a.qft_args, env)
+            if info is None:
+                r[f"{kind}_error"] = "worker failed (see stderr)"
+                continue
+            qm = load_quantized(ckpt, dtype=torch.bfloat16)
+            r[f"{kind}_ppl"] = perplexity(qm, ev)
+            r[f"{kind}_s"] = info["s"]
+            r[f"{kind}_peak_rss_mb"] = info["peak_rss_mb"]
+            r[f"{kind}_config"] = info["config"]
+            del qm
+            print(f"g{g} {kind}: ppl {r[f'{kind}_ppl']:.3f}  {info['s']:.1f} s  rss {info['peak_rss_mb']:.0f} MB",
+                  flush=True)
+        r["qft_s_over_forward"] = r.get("qft_s", float("nan")) / result["forward_pass_s"]
+        if "gptqmodel_s" in r and "qft_s" in r:
+            r["qft_s_over_gptqmodel_s"] = r["qft_s"] / r["gptqmodel_s"]
+            r["qft_ppl_minus_gptqmodel_ppl"] = r["qft_ppl"] - r["gptqmodel_ppl"]
+        result["runs"][f"g{g}"] = r
+    first = result["runs"][f"g{a.groups[0]}"]
+    for k in ("rtn_ppl", "qft_ppl", "qft_s", "qft_peak_rss_mb", "gptqmodel_ppl", "gptqmodel_s",
+              "gptqmodel_peak_rss_mb"):
+        if k in first:
+            result[k] = first[k]
+    result["headline_group"] = a.groups[0]
+
+    print(f"\n{'group':>6} {'fp':>7} {'rtn':>7} {'qft':>7} {'gptqm':>7} {'qft_s':>7} {'gptqm_s':>8} {'s ratio':>8} "
+          f"{'/fwd':>6} {'qft MB':>7} {'gptqm MB':>8}")
+    for g in a.groups:
+        r = result["runs"][f"g{g}"]
+        f = lambda k, spec=".2f": format(r[k], spec) if k in r else "-"  # noqa: E731
+        print(f"{g:>6} {result['fp_ppl']:>7.2f} {f('rtn_ppl'):>7} {f('qft_ppl'):>7} {f('gptqmodel_ppl'):>7} "
+              f"{f('qft_s', '.1f'):>7} {f('gptqmodel_s', '.1f'):>8} {f('qft_s_over_gptqmodel_s'):>8} "
+              f"{f('qft_s_over_forward'):>6} {f('qft_peak_rss_mb', '.0f'):>7} {f('gptqmodel_peak_rss_mb', '.0f'):>8}")
+    tmp = Path(a.out).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, a.out)
+    if not a.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

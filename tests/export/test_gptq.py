@@ -1,0 +1,106 @@
+"""The GPTQ solve on small hand-built problems: exactness against RTN, error reduction, options."""
+import pytest
+import torch
+
+from qft.export import GPTQConfig, gptq_solve, rtn_solve
+from qft.export.gptq import damped_inverse_cholesky, group_params, relative_output_error
+
+
+def problem(out=64, inn=256, n=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, inn, generator=g)
+    mix = torch.randn(inn, inn, generator=g) * 0.15 + torch.eye(inn)
+    X = torch.randn(n, inn, generator=g) @ mix * (torch.rand(inn, generator=g) * 3 + 0.1)  # correlated, uneven
+    return W, 2 * X.T @ X / n
+
+
+def test_identity_hessian_reduces_to_rtn():
+    W, _ = problem()
+    cfg = GPTQConfig(bits=4, group_size=64)
+    q, r = gptq_solve(W, torch.eye(W.shape[1]), cfg), rtn_solve(W, cfg)
+    assert torch.equal(q.codes, r.codes) and torch.equal(q.scale, r.scale)
+
+
+@pytest.mark.parametrize("kw", [dict(bits=4), dict(bits=3, sym=False), dict(bits=2, group_size=32, desc_act=True), dict(bits=8),
+                                dict(group_size=-1), dict(desc_act=True), dict(desc_act=True, static_groups=False),
+                                dict(mse=True), dict(true_sequential=False, group_size=128)])
+def test_gptq_beats_rtn_on_output_error(kw):
+    W, H = problem()
+    cfg = GPTQConfig(**kw)
+    q = gptq_solve(W, H, cfg)
+    rtn_err = relative_output_error(W, rtn_solve(W, cfg).dequantize(), H)
+    assert q.rel_error < 0.8 * rtn_err
+    assert int(q.codes.min()) >= 0 and int(q.codes.max()) <= 2**cfg.bits - 1
+    if cfg.sym:
+        assert torch.all(q.zero == 2 ** (cfg.bits - 1))
+    gs = cfg.group_for(W.shape[1])
+    assert q.scale.shape == (W.shape[0], W.shape[1] // gs)
+
+
+def test_lazy_batch_updates_match_column_by_column():
+    W, H = problem(out=32, inn=128)
+    a = gptq_solve(W, H, GPTQConfig(block_size=128, group_size=32))
+    b = gptq_solve(W, H, GPTQConfig(block_size=1, group_size=32))
+    assert (a.codes == b.codes).float().mean() > 0.995
+    assert abs(a.rel_error - b.rel_error) < 1e-3 * max(a.rel_error, 1e-9) + 1e-6
+
+
+def test_act_order_static_groups_keep_natural_g_idx():
+    W, H = problem()
+    q = gptq_solve(W, H, GPTQConfig(desc_act=True, static_groups=True, group_size=64))
+    assert torch.equal(q.g_idx, torch.arange(256, dtype=torch.int32) // 64)
+    d = gptq_solve(W, H, GPTQConfig(desc_act=True, static_groups=False, group_size=64))
+    assert not torch.equal(d.g_idx, q.g_idx)  # dynamic groups follow the activation order
+    assert torch.equal(torch.bincount(d.g_idx.long()), torch.full((4,), 64))
+    # the dequantized weight follows g_idx, whatever the order
+    assert relative_output_error(W, d.dequantize(), H) == pytest.approx(d.rel_error)
+
+
+def test_short_last_group():
+    W, H = problem(inn=96)
+    q = gptq_solve(W, H, GPTQConfig(group_size=64))
+    assert q.scale.shape[1] == 2 and int(q.g_idx.max()) == 1 and int((q.g_idx == 1).sum()) == 32
+
+
+def test_dead_inputs_are_zeroed():
+    W, H = problem()
+    H[:, 5] = 0
+    H[5, :] = 0
+    q = gptq_solve(W, H, GPTQConfig())
+    assert torch.all(q.dequantize()[:, 5] == 0)
+
+
+def test_damping_is_raised_until_cholesky_succeeds():
+    x = torch.randn(4, 64)
+    H = x.T @ x  # rank 4 of 64: singular without damping
+    U, damp = damped_inverse_cholesky(H, 0.0, 0.01)
+    assert damp > 0 and torch.isfinite(U).all()
+    W = torch.randn(32, 64)
+    q = gptq_solve(W, H, GPTQConfig(damp_percent=0.0, damp_auto_increment=0.01))
+    assert q.damp_percent > 0
+
+
+def test_mse_clip_search_never_worse_than_minmax():
+    w = torch.randn(64, 128)
+    w[:, 0] = 12.0  # an outlier makes min-max wasteful
+    s0, z0 = group_params(w, 3, True)
+    s1, z1 = group_params(w, 3, True, mse=True)
+
+    def err(s, z):
+        q = torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, 7)
+        return ((s[:, None] * (q - z[:, None]) - w).abs() ** 2.4).sum(1)
+
+    assert torch.all(err(s1, z1) <= err(s0, z0) + 1e-4) and err(s1, z1).sum() < err(s0, z0).sum()
+
+
+def test_scales_are_fp16_representable():
+    W, H = problem()
+    q = gptq_solve(W, H, GPTQConfig(sym=False, bits=4))
+    assert torch.equal(q.scale, q.scale.half().float())
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(bits=5), "bits=5"), (dict(bits=1), "bits=1"), (dict(group_size=0), "group_size"),
+                                    (dict(damp_percent=1.5), "damp_percent"), (dict(method="awq"), "method")])
+def test_config_rejects_bad_values(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        GPTQConfig(**kw)
