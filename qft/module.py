@@ -235,10 +235,12 @@ class CausalLMModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_end(self) -> None:
-        if not (self.hparams.save_adapter and self.hparams.adapter == "lora" and self.trainer.is_global_zero):
+        if not (self.hparams.save_adapter and self.hparams.adapter == "lora"):
             return
-        root = self.trainer.log_dir or self.trainer.default_root_dir
-        self.adapter_dir = str(save_adapter(self.model, root))
+        root = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank asks
+        if self.trainer.is_global_zero:
+            self.adapter_dir = str(save_adapter(self.model, root))
+        self.adapter_dir = self.trainer.strategy.broadcast(self.adapter_dir)
 
     # ------------------------------------------------------------ checkpoints
     def frozen_state_keys(self) -> set[str]:
