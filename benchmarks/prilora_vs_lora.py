@@ -21,7 +21,8 @@ optimizer-step wall time), ``peak_rss_mb`` and Tiny Shakespeare held-out perplex
 ``../shared/data/tinyshakespeare.txt`` exists (a forgetting check: nothing trains on it).
 
 Part 2 (bases): bf16 base + LoRA, NF4 + LoRA, NF4-DQ + LoRA, each trained ``--mem-steps`` steps:
-``weight_bytes`` (model parameters, buffers and quantisation state), ``peak_rss_mb``, ``rss_mb_end``.
+``weight_bytes`` (model parameters, buffers and quantisation state, adapters included),
+``decoder_linear_weight_bytes`` (the frozen decoder-layer linear weights alone: what NF4 compresses), ``peak_rss_mb``, ``rss_mb_end``.
 
 Every method and base runs in its own subprocess so peak RSS is its own. Results are printed as a
 table and written (temp file + rename; an existing ``--out`` is never overwritten) as JSON.
@@ -126,13 +127,32 @@ def _adapter_counts(model) -> dict:
             "effective_adapter_params_at_end": effective or nonzero}
 
 
+def _weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer plus bitsandbytes' quantisation state (absmax, code, metadata),
+    each tensor once (a peft LoRA wrapper exposes its base layer's weight as ``.weight`` too)."""
+    total, seen = 0, set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    states = set()
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        qs = getattr(w, "quant_state", None)
+        if qs is not None and id(w) not in states:
+            states.add(id(w))
+            total += sum(v.numel() * v.element_size() for v in qs.as_dict(packed=True).values() if hasattr(v, "numel"))
+    return total
+
+
 def _linear_bytes(model) -> int:
     """Bytes of the frozen base weights of the decoder-layer linears (packed NF4 + quant state, or bf16)."""
-    total = 0
+    total, seen = 0, set()
     for name, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        if ".layers." not in name or "lora_" in name or w is None or w.requires_grad or w.dim() != 2:
+        w = getattr(m, "weight", None)  # a peft LoRA wrapper exposes its base layer's weight too: count it once
+        if ".layers." not in name or "lora_" in name or w is None or w.requires_grad or w.dim() != 2 or id(w) in seen:
             continue
+        seen.add(id(w))
         total += w.numel() * w.element_size()
         qs = getattr(w, "quant_state", None)
         if qs is not None:
@@ -190,7 +210,6 @@ def run_worker(spec: dict) -> dict:
     from qft.metrics import generation_accuracy
     from qft.module import CausalLMModule
     from qft.prilora import PRILoRACallback
-    from qft.qlora import nf4_weight_bytes
 
     torch.set_num_threads(spec["threads"])
     pl.seed_everything(spec["seed"], verbose=False)
@@ -262,7 +281,7 @@ def run_worker(spec: dict) -> dict:
             result["adalora_final_rank_total"] = int(sum(sum(v) if isinstance(v, list) else int(v)
                                                          for v in pattern.values()))
     else:
-        result["weight_bytes"] = nf4_weight_bytes(module.model)
+        result["weight_bytes"] = _weight_bytes(module.model)
         result["decoder_linear_weight_bytes"] = _linear_bytes(module.model)
     result["peak_rss_mb"], result["rss_mb_end"] = _rss_mb()
     return result
