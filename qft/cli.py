@@ -45,7 +45,7 @@ def load_for_eval(args):
     if args.quantized:
         from .export import load_quantized
 
-        return load_quantized(args.quantized)
+        return load_quantized(args.quantized), models.load_tokenizer(args.quantized)
     if args.ckpt:
         from .module import CausalLMModule
 
