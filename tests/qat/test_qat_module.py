@@ -1,6 +1,7 @@
 """QATCallback with qft's own CausalLMModule: the swap happens inside configure_model, errors come before training."""
 import pytest
 import pytorch_lightning as pl
+import torch
 
 from qft.qat import FakeQuantLinear, FakeQuantLoRALinear, QATCallback
 from qft.quant import QuantScheme
@@ -19,7 +20,7 @@ def _fit(cb, steps=2, **module_kw):
     return module, trainer
 
 
-def test_causal_lm_module_full_finetune_with_learned_scales():
+def test_causal_lm_module_full_finetune_with_learned_scales(tmp_path):
     cb = QATCallback(weight=QuantScheme(bits=4, group_size=64), range_learning=True, lr_multiplier=5.0)
     module, trainer = _fit(cb)
     layer = module.model.model.layers[0].self_attn.q_proj
@@ -28,6 +29,18 @@ def test_causal_lm_module_full_finetune_with_learned_scales():
     assert len(groups) == 1
     assert groups[0]["weight_decay"] == 0.0  # scales must never decay towards zero
     assert groups[0]["lr"] == pytest.approx(5.0 * trainer.optimizers[0].param_groups[0]["lr"])
+
+    # a fresh CausalLMModule rebuilt from the checkpoint computes the same logits
+    from qft.module import CausalLMModule
+    from qft.qat import restore
+
+    trainer.save_checkpoint(tmp_path / "qat.ckpt")
+    fresh = CausalLMModule(model="tiny-llama", compute_dtype="float32", seed=1)
+    restore(fresh, tmp_path / "qat.ckpt")
+    ids = torch.randint(0, 1000, (1, 12))
+    module.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, module(input_ids=ids).logits)
 
 
 def test_causal_lm_module_lora_merged():
