@@ -40,9 +40,6 @@ class GPTQConfig:
                 "better at 2-3 bits)."})
     mse_grid: int = field(default=100, metadata={"help": "Grid points of the clipping search."})
     mse_maxshrink: float = field(default=0.8, metadata={"help": "Largest fraction the range may shrink by."})
-    fast_hessian: bool = field(default=True, metadata={
-        "help": "bf16 activations: form each 8192-token chunk of X^T X with a bf16 GEMM and sum the chunks in fp32 "
-                "(~2.6x faster on CPU, relative error ~6e-4); False: fp32 GEMMs (exact products)."})
     method: str = field(default="gptq", metadata={"help": f"One of {METHODS}; 'rtn' is round-to-nearest."})
 
     def __post_init__(self):

@@ -224,7 +224,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             # to the block output (Llama's down_proj). Then the block need not be run again afterwards:
             # next input = output with the old weight + x @ (W_q - W)^T, checked on one batch below.
             tail = cfg.true_sequential and si == len(stages) - 1 and len(stage[0]) == 1 and i + 1 < len(blocks)
-            stage_out = _collect_stage(block, lins, stage, cache, device, cfg.fast_hessian, keep=tail)
+            stage_out = _collect_stage(block, lins, stage, cache, device, keep=tail)
             accs, fwd_s, outs, tail_inputs = stage_out
             for g in stage:
                 t1 = time.perf_counter()
@@ -249,14 +249,14 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     return quantized, rows
 
 
-def _collect_stage(block, lins, stage, cache, device, fast_hessian, keep=False):
+def _collect_stage(block, lins, stage, cache, device, keep=False):
     """Run the cached inputs through ``block`` to accumulate the Hessians of ``stage``'s groups.
 
     Without ``keep`` the forward stops at the pre-hook of the last group's first layer (its input is all
     the group needs). With ``keep`` it runs to the end and returns the outputs and that layer's inputs.
     """
     t0 = time.perf_counter()
-    accs = {g[0]: HessianAccumulator(lins[g[0]].in_features, device, fast=fast_hessian) for g in stage}
+    accs = {g[0]: HessianAccumulator(lins[g[0]].in_features, device) for g in stage}
     handles = [lins[g[0]].register_forward_pre_hook(lambda m, a, acc=accs[g[0]]: acc.add(a[0])) for g in stage]
     last = stage[-1][0]  # groups are in execution order
     inputs, outs = [], []
