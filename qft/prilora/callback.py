@@ -115,14 +115,14 @@ class PRILoRACallback(pl.Callback):
         self._layer_of: Dict[str, Optional[int]] = {}
         self._handles = []
         self._pending_state: Optional[dict] = None
-        self._registered = False
+        self._registered = None
         self._collecting = True  # EMA updates stop after end_step: no pruning decision needs them then
 
     # ------------------------------------------------------------------ model hooks
     def setup(self, trainer, pl_module, stage):
-        if self._registered:
+        if self._registered is pl_module:  # setup runs per stage (fit, validate...); plan a module once
             return
-        self._registered = True
+        self._registered = pl_module
         hooks.when_model_ready(pl_module, self._plan, phase="base")
         hooks.when_model_ready(pl_module, self._attach, phase="final")
 

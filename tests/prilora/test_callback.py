@@ -108,7 +108,8 @@ def test_nf4_causal_lm_ranks_pruning_logging_plot(tmp_path):
 
     from qft.module import CausalLMModule
 
-    module = CausalLMModule(model="tiny-llama", quantization="nf4", adapter="lora", compute_dtype="float32", lr=1e-2)
+    module = CausalLMModule(model="tiny-llama", quantization="nf4", adapter="lora", compute_dtype="float32", lr=1e-2,
+                            gradient_checkpointing=True)  # recomputed forwards in backward must not count twice
     cb = PRILoRACallback(start_step=2, end_step=6, interval=2, final_sparsity=0.5)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
     trainer = pl.Trainer(max_steps=8, callbacks=[cb, ckpt],
