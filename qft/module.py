@@ -71,6 +71,7 @@ def save_adapter(peft_model, root, name: str = "adapter") -> "Path":
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
         peft_model.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
