@@ -125,13 +125,12 @@ def _run_block(block, hidden, kwargs):
 
 def discover_groups(block: nn.Module, hidden, kwargs) -> list[list[str]]:
     """Linear layers of ``block`` in execution order, grouped by the input tensor they share."""
-    order, keys = [], {}
+    order, inputs = [], {}
     handles = []
     for name, lin in block_linears(block).items():
         def pre(mod, args, name=name):
-            x = args[0]
             order.append(name)
-            keys[name] = (x.data_ptr(), tuple(x.shape), x.stride())
+            inputs[name] = args[0]  # keeping the tensor alive: its identity (not its address) groups layers
         handles.append(lin.register_forward_pre_hook(pre))
     try:
         with torch.inference_mode():
@@ -141,7 +140,7 @@ def discover_groups(block: nn.Module, hidden, kwargs) -> list[list[str]]:
             h.remove()
     groups: list[list[str]] = []
     for name in dict.fromkeys(order):
-        if groups and keys[groups[-1][0]] == keys[name]:
+        if groups and inputs[groups[-1][0]] is inputs[name]:
             groups[-1].append(name)
         else:
             groups.append([name])
