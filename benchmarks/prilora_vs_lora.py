@@ -252,6 +252,8 @@ def run_worker(spec: dict) -> dict:
             self.times.append(time.perf_counter() - self._t[0])
             self.cpu.append(time.process_time() - self._t[1])
             self.losses.append(float(outputs["loss"]))
+            print(f"step {trainer.global_step}: loss {self.losses[-1]:.4f} "
+                  f"wall {self.times[-1]:.2f}s cpu {self.cpu[-1]:.2f}s", flush=True)
 
     if kind == "method" and name == "adalora":
         callbacks.append(AdaLoRAUpdate())
