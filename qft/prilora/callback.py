@@ -142,7 +142,10 @@ class PRILoRACallback(pl.Callback):
         r_ref = cfg.r_ref if cfg.r_ref is not None else float(_hparam(pl_module, "lora_r", 8) or 8)
         ranks = pm.rank_schedule(n_layers, cfg.r_start, cfg.r_end)
         alphas = pm.alpha_schedule(ranks, cfg.alpha_policy, alpha, r_ref)
-        plan = {"layers_prefix": prefix, "ranks": ranks, "alphas": alphas}
+        # A model adapted before the callback saw it (plain peft) carries its own alphas: check them only when
+        # the user gave PRILoRA an explicit alpha.
+        plan = {"layers_prefix": prefix, "ranks": ranks, "alphas": alphas,
+                "check_alpha": not already_adapted or cfg.alpha is not None}
         if self.plan is not None and (self.plan["ranks"] != ranks or self.plan["layers_prefix"] != prefix):
             raise ValueError(f"PRILoRA: the checkpoint planned ranks {self.plan['ranks']} but this run plans {ranks}; "
                              "resume with the same r_start/r_end and model.")
@@ -167,7 +170,8 @@ class PRILoRACallback(pl.Callback):
             idx = pm.layer_index(mod_name, prefix)
             if idx is None:
                 outside.append(mod_name)
-            elif m.r[name] != ranks[idx] or abs(float(m.lora_alpha[name]) - alphas[idx]) > 1e-6 * max(1.0, alphas[idx]):
+            elif m.r[name] != ranks[idx] or (self.plan.get("check_alpha", True) and
+                                             abs(float(m.lora_alpha[name]) - alphas[idx]) > 1e-6 * max(1.0, alphas[idx])):
                 wrong.append(f"{mod_name}: r={m.r[name]}, alpha={m.lora_alpha[name]} (planned r={ranks[idx]}, "
                              f"alpha={alphas[idx]:g})")
             found[mod_name] = m.lora_A[name]
