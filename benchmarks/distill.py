@@ -1,7 +1,7 @@
 """QAT vs QAD (QAT + self-distillation from the fp model) on SmolLM2-135M, Tiny Shakespeare.
 
     python benchmarks/distill.py --out F.json [--steps 30] [--seq-len 128] [--batch-size 2]
-                                 [--group-size 64] [--eval-windows 8] [--mem-batch 4 --mem-seq-len 512]
+                                 [--group-size 64] [--eval-windows 8] [--mem-batch 2 --mem-seq-len 512]
 
 Setup (issue 5): ``../shared/data/tinyshakespeare.txt``, first 90% of characters for training, last
 10% held out. Both runs start from the same fp32 SmolLM2-135M-Instruct, fake-quantize every decoder
@@ -235,8 +235,8 @@ def main():
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--eval-windows", type=int, default=8)
-    p.add_argument("--chunk-size", type=int, default=1024)
-    p.add_argument("--mem-batch", type=int, default=4)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--mem-batch", type=int, default=2)
     p.add_argument("--mem-seq-len", type=int, default=512)
     p.add_argument("--skip-quality", action="store_true", help="only the memory comparison")
     p.add_argument("--mem-child", choices=["step", "loss"], help=argparse.SUPPRESS)
@@ -266,7 +266,7 @@ def main():
     res["peak_rss_ratio_chunked_over_unchunked"] = res["peak_rss_mb_chunked"] / res["peak_rss_mb_unchunked"]
     print("\n| metric | value |\n|---|---|")
     for k, v in res.items():
-        print(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+        print(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")
     fd, tmp = tempfile.mkstemp(prefix=".distill-", suffix=".json", dir=out.parent.resolve())
     with os.fdopen(fd, "w") as f:
         json.dump(res, f, indent=2)

@@ -71,13 +71,13 @@ class DistillationModule(CausalLMModule):
                                                projection=cfg.hidden_projection)
 
     def kd_ratio_now(self) -> float:
-        total = None
-        if self._trainer is not None:
+        cfg, total = self.distill_cfg, None
+        if cfg.kd_schedule != "constant" and cfg.kd_schedule_steps is None and self._trainer is not None:
             try:
                 total = int(self.trainer.estimated_stepping_batches)
             except Exception:  # no dataloader yet
                 total = None
-        return self.distill_cfg.kd_ratio_at(self.global_step, total)
+        return cfg.kd_ratio_at(self.global_step, total)
 
     def step_loss(self, batch: dict, stage: str) -> torch.Tensor:
         cfg = self.distill_cfg
