@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -345,6 +346,7 @@ def main(argv=None):
     p.add_argument("--ppl-windows", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="subprocesses at once (>1 shares the CPU between methods)")
     args = p.parse_args(argv)
 
     if args.worker:
@@ -365,24 +367,31 @@ def main(argv=None):
     for b in bases:
         if b not in BASES:
             p.error(f"--bases: {b!r} is not one of {list(BASES)}")
-    if args.steps < 10:
-        p.error(f"--steps {args.steps}: need at least 10 for the pruning / AdaLoRA schedules")
+    if args.steps < 5:
+        p.error(f"--steps {args.steps}: need at least 5 for the pruning / AdaLoRA schedules")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: must be >= 1")
     interval = args.interval or max(1, args.steps // 12)
     spec = dict(model=args.model, quantization=args.quantization, steps=args.steps, mem_steps=args.mem_steps,
                 batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, lora_r=args.lora_r,
                 r_start=args.r_start, r_end=args.r_end, final_sparsity=args.final_sparsity, interval=interval,
                 tinit=max(1, args.steps // 10), tfinal=max(1, args.steps // 5), num_eval=args.num_eval,
-                ppl_seq_len=args.ppl_seq_len, ppl_windows=args.ppl_windows, threads=args.threads, seed=args.seed)
+                ppl_seq_len=args.ppl_seq_len, ppl_windows=args.ppl_windows, threads=args.threads, seed=args.seed,
+                jobs=args.jobs)
     t_start = time.time()
     results = {"methods": {}, "bases": {}}
     with tempfile.TemporaryDirectory(prefix="prilora-bench-") as tmp:
         tmp = Path(tmp)
-        for m in methods:
-            print(f"[prilora_vs_lora] method {m} ...", flush=True)
-            results["methods"][m] = _spawn(dict(spec, kind="method", name=m, workdir=str(tmp / m)), tmp)
-        for b in bases:
-            print(f"[prilora_vs_lora] base {b} ...", flush=True)
-            results["bases"][b] = _spawn(dict(spec, kind="base", name=b, workdir=str(tmp / b)), tmp)
+        jobs = [("methods", dict(spec, kind="method", name=m, workdir=str(tmp / m))) for m in methods]
+        jobs += [("bases", dict(spec, kind="base", name=b, workdir=str(tmp / b))) for b in bases]
+        # --jobs > 1 runs subprocesses side by side: peak RSS stays per process, but they share the CPU.
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = []
+            for group, job in jobs:
+                print(f"[prilora_vs_lora] {group} {job['name']} ...", flush=True)
+                futures.append((group, job["name"], pool.submit(_spawn, job, tmp)))
+            for group, name, fut in futures:
+                results[group][name] = fut.result()
 
     ref = results["methods"].get("lora")
     for r in results["methods"].values():
