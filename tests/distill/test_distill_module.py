@@ -176,7 +176,7 @@ def _fit(kd_ratio, train):
 
 
 def test_kd_lowers_held_out_kl_to_teacher_more_than_ce_at_equal_steps(token_batches):
-    train, held_out = token_batches(5, seq=16, seed=0), token_batches(2, seq=16, seed=1)
+    train, held_out = token_batches(4, seq=16, seed=0), token_batches(2, seq=16, seed=1)
     ce_only, kd = _fit(0.0, train), _fit(0.9, train)
     teacher = kd.teacher.model
     from qft.models import load_model
