@@ -20,9 +20,10 @@ Group size: the issue asks for g128, but SmolLM2's width 576 is not a multiple o
 ``qft.quant.QuantScheme`` refuses partial groups, so the default is 64 (``--group-size``).
 
 Memory: ``peak_rss_mb_chunked``/``peak_rss_mb_unchunked`` are the peak RSS of one QAD training step
-(the kernel's VmHWM, reset via /proc/self/clear_refs right before the step, so model loading does not
-count; ``peak_rss_is_step_only`` says whether the reset worked) (teacher pass, student pass, KD loss, backward) with ``chunk_size=--chunk-size`` vs
-``None``, each in its own subprocess so the peaks do not mix. ``loss_only_*`` repeat the comparison for
+(teacher pass, student pass, KD loss, backward) with ``chunk_size=--chunk-size`` vs ``None``, each in
+its own subprocess so the peaks do not mix. The peak is the kernel's VmHWM, reset via
+/proc/self/clear_refs right before the step, so model loading does not count
+(``peak_rss_is_step_only`` says whether the reset worked). ``loss_only_*`` repeat the comparison for
 the KD loss alone (forward + backward on random logits of the same shape, no model).
 """
 from __future__ import annotations

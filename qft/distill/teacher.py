@@ -182,8 +182,8 @@ class Teacher:
             return
         if not has_adapters(model) and not fake_quant_modules(model) and not _inner_adapter_modules(model):
             raise ValueError("DistillConfig(teacher='self'): the student has neither peft adapters nor fake-quant "
-                             f"layers (a bool `{FAKE_QUANT_FLAG}` or a `{QAT_BUFFER}` buffer), so its 'fp teacher' would be the "
-                             "student itself and KD would teach nothing. Hint: use adapter='lora', add "
+                             f"layers (a bool `{FAKE_QUANT_FLAG}` or a `{QAT_BUFFER}` buffer), so its 'fp teacher' "
+                             "would be the student itself and KD would teach nothing. Hint: use adapter='lora', add "
                              "qft.qat.QATCallback, or name a teacher model.")
         self._checked_self = True
 
