@@ -59,7 +59,7 @@ class QuantizedWeight:
     group_size: int  # -1 = per output row
     damp_percent: float = 0.0
     loss: float = 0.0  # GPTQ's sum of (w - q)^2 / [H^-1]_jj^2 / 2
-    rel_error: float = 0.0  # ||(W-Q) X||^2 / ||W X||^2 on the calibration inputs (0 when no H)
+    rel_error: float = 0.0  # ||(W-Q) X||^2 / ||W X||^2 on the calibration inputs
 
     def dequantize(self) -> torch.Tensor:
         g = self.g_idx.long()

@@ -38,11 +38,15 @@ def plot_report(rows: list[dict], png) -> None:
         pts = [(r["block"], r["rel_output_error"]) for r in rows if r["layer"].endswith("." + kind)]
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3, label=kind)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_yscale("log")
     ax.set_xlabel("decoder block")
     ax.set_ylabel("relative output error  ||(W-Q)X||² / ||WX||²")
     r0 = rows[0]
-    ax.set_title(f"{r0['method'].upper()} {r0['bits']}-bit, group {r0['group_size']}: per-layer error")
+    note = " (RTN: H = I, relative weight error)" if r0["method"] == "rtn" else ""
+    ax.set_title(f"{r0['method'].upper()} {r0['bits']}-bit, group {r0['group_size']}: per-layer error{note}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()

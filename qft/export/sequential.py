@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GPTQConfig
-from .gptq import HessianAccumulator, QuantizedWeight, gptq_solve, rtn_solve
+from .gptq import HessianAccumulator, QuantizedWeight, gptq_solve, relative_output_error, rtn_solve
 
 
 class _StopForward(Exception):
@@ -180,7 +180,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     quantized: dict[str, QuantizedWeight] = {}
     rows: list[dict] = []
 
-    def commit(i, names, lin_map, qw: QuantizedWeight, seconds, n_tokens):
+    def commit(i, names, lin_map, qw: QuantizedWeight, seconds, n_tokens, H=None):
         start = 0
         for n in names:
             lin = lin_map[n]
@@ -188,11 +188,15 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             start += lin.out_features
             full = f"{prefix}.{i}.{n}"
             quantized[full] = part
-            lin.weight.copy_(part.dequantize().to(lin.weight))
+            deq = part.dequantize().to(lin.weight.device)
+            # per layer, on its calibration inputs (RTN has none: H = I, the relative weight error)
+            h = H if H is not None else torch.eye(lin.in_features, device=deq.device)
+            part.rel_error = relative_output_error(lin.weight, deq, h)
+            lin.weight.copy_(deq.to(lin.weight))
             rows.append(dict(layer=full, block=i, in_features=lin.in_features, out_features=lin.out_features,
                              shared_with=",".join(x for x in names if x != n), method=cfg.method, bits=cfg.bits,
                              group_size=cfg.group_size, damp_percent=qw.damp_percent, n_tokens=n_tokens,
-                             gptq_loss=qw.loss, rel_output_error=qw.rel_error, seconds=round(seconds, 4)))
+                             gptq_loss=qw.loss, rel_output_error=part.rel_error, seconds=round(seconds, 4)))
             bar.update(1)
 
     if cfg.method == "rtn":
@@ -229,8 +233,9 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                 t1 = time.perf_counter()
                 old = lins[g[0]].weight.detach().clone() if tail else None
                 W = torch.cat([lins[n].weight for n in g], 0)
-                qw = gptq_solve(W, accs[g[0]].hessian(), cfg)
-                commit(i, g, lins, _to_cpu(qw), time.perf_counter() - t1 + fwd_s / len(stage), accs[g[0]].n_tokens)
+                H = accs[g[0]].hessian()
+                qw = gptq_solve(W, H, cfg)
+                commit(i, g, lins, _to_cpu(qw), time.perf_counter() - t1 + fwd_s / len(stage), accs[g[0]].n_tokens, H)
             if tail:
                 delta = lins[stage[0][0]].weight - old
                 with torch.inference_mode():

@@ -39,6 +39,9 @@ def test_files_and_quantization_config(exported):
     assert json.loads((out / "quantize_config.json").read_text()) == qc
     rows = json.loads((out / "quant_report.json").read_text())
     assert len(rows) == 28 and all(r["rel_output_error"] > 0 for r in rows)
+    qkv = [r for r in rows if r["layer"].startswith("model.layers.0.self_attn.") and r["layer"][-6:-5] in "qkv"]
+    assert [r["shared_with"] != "" for r in qkv] == [True] * 3
+    assert len({r["rel_output_error"] for r in qkv}) == 3  # solved together, reported per layer
 
 
 def test_tensors_unpack_to_the_solved_weights(exported):
