@@ -49,7 +49,7 @@ def load_for_eval(args):
     if args.ckpt:
         from .module import CausalLMModule
 
-        module = CausalLMModule.load_from_checkpoint(args.ckpt, map_location="cpu")
+        module = CausalLMModule.load_any(args.ckpt, map_location="cpu")
         return module.model, module.tokenizer
     model, tok = models.load(args.model)
     if args.adapter:

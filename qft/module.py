@@ -255,7 +255,22 @@ class CausalLMModule(pl.LightningModule):
         sd = checkpoint["state_dict"]
         for k in drop:
             sd.pop(k, None)
-        checkpoint["qft"] = {"frozen_keys_dropped": len(drop), "model": self.hparams.model}
+        cls = type(self)
+        checkpoint["qft"] = {"frozen_keys_dropped": len(drop), "model": self.hparams.model,
+                             "class_path": f"{cls.__module__}.{cls.__qualname__}"}
+
+    @staticmethod
+    def load_any(path: str, **kwargs) -> "CausalLMModule":
+        """Load a qft checkpoint with the module class that saved it (e.g. a DistillationModule)."""
+        import importlib
+
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        class_path = ckpt.get("qft", {}).get("class_path", f"{__name__}.CausalLMModule")
+        mod, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(mod), name)
+        if not (isinstance(cls, type) and issubclass(cls, CausalLMModule)):
+            raise TypeError(f"checkpoint {path!r} was saved by {class_path}, not a CausalLMModule.")
+        return cls.load_from_checkpoint(path, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
