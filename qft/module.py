@@ -216,9 +216,11 @@ class CausalLMModule(pl.LightningModule):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            decay = hp.weight_decay if p.ndim >= 2 else 0.0
-            # Parameters may ask for their own LR multiplier (QAT's learned scales do).
-            groups.setdefault((decay, float(getattr(p, "qft_lr_scale", 1.0))), []).append(p)
+            # Parameters may ask for their own LR multiplier (QAT's learned scales do); those are
+            # quantization ranges, not weights, so they never decay.
+            lr_scale = getattr(p, "qft_lr_scale", None)
+            decay = hp.weight_decay if p.ndim >= 2 and lr_scale is None else 0.0
+            groups.setdefault((decay, float(lr_scale or 1.0)), []).append(p)
         if not groups:
             raise RuntimeError("CausalLMModule has no trainable parameters; check adapter/target_modules.")
         param_groups = [{"params": ps, "weight_decay": d, "lr": hp.lr * s} for (d, s), ps in groups.items()]
@@ -274,6 +276,12 @@ class CausalLMModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
+        if any(str(k).startswith("QATCallback") for k in checkpoint.get("callbacks", {})):
+            # A QAT checkpoint loaded without its callback (load_from_checkpoint): swap the layers
+            # first so the fake-quant scales and observer state have somewhere to go.
+            from .qat import prepare_from_checkpoint
+
+            prepare_from_checkpoint(self, checkpoint)
         expected = set(self.state_dict()) - self.frozen_state_keys()
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:
