@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -404,7 +405,7 @@ def main(argv=None):
             r["weight_bytes_vs_bf16"] = r["weight_bytes"] / bref["weight_bytes"]
             r["decoder_linear_weight_bytes_vs_bf16"] = r["decoder_linear_weight_bytes"] / bref["decoder_linear_weight_bytes"]
             r["peak_rss_mb_vs_bf16"] = r["peak_rss_mb"] / bref["peak_rss_mb"]
-    results["settings"] = dict(spec, command=" ".join(["python", "benchmarks/prilora_vs_lora.py"] + (argv if argv is not None else sys.argv[1:])),
+    results["settings"] = dict(spec, command=shlex.join(["python", "benchmarks/prilora_vs_lora.py"] + (argv if argv is not None else sys.argv[1:])),
                                machine=f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
                                shakespeare=SHAKESPEARE.is_file(), total_wall_s=time.time() - t_start)
 
