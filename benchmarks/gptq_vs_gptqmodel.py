@@ -106,15 +106,20 @@ def worker_gptqmodel(a):
                                           "config": {k: str(v) for k, v in vars(qc).items()}}))
 
 
-def run_worker(python, kind, group, tok_file, workdir, model, qft_args, env=None):
+def start_worker(python, kind, group, tok_file, workdir, model, qft_args, env=None):
     save = workdir / f"{kind}-g{group}"
     res = workdir / f"{kind}-g{group}.json"
     cmd = [python, __file__, "--worker", kind, "--group", str(group), "--tokens", str(tok_file), "--save", str(save),
            "--result", str(res), "--model", model, "--qft-args", qft_args]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
-    if p.returncode:
-        print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
+    log = open(workdir / f"{kind}-g{group}.log", "w")
+    p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    return p, save, res, time.perf_counter()
+
+
+def finish_worker(handle):
+    p, save, res, t0 = handle
+    if p.wait():
+        print(f"worker failed, see {res.with_suffix('.log')}", file=sys.stderr)
         return None, None
     info = json.loads(res.read_text())
     info["wall_s"] = time.perf_counter() - t0
@@ -142,6 +147,8 @@ def main():
     ap.add_argument("--skip-gptqmodel", action="store_true")
     ap.add_argument("--qft-args", default="{}", help="extra GPTQConfig fields as JSON, e.g. '{\"desc_act\": true}'")
     ap.add_argument("--keep", default=None, help="directory to keep the checkpoints in")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="run the qft and GPTQModel workers at the same time (equal load on a shared machine)")
     # worker mode
     ap.add_argument("--worker", choices=["qft", "gptqmodel"])
     ap.add_argument("--group", type=int)
@@ -165,7 +172,7 @@ def main():
     workdir.mkdir(parents=True, exist_ok=True)
     tok_file = workdir / "calib.pt"
     torch.save(calib, tok_file)
-    result = {"model": a.model, "dtype": "bfloat16", "calibration": list(calib.shape),
+    result = {"model": a.model, "concurrent": a.concurrent, "command": " ".join(sys.argv), "dtype": "bfloat16", "calibration": list(calib.shape),
               "eval": [a.eval_windows, a.eval_len], "cpu_threads": torch.get_num_threads(),
               "machine": os.uname().nodename, "runs": {}}
 
@@ -188,10 +195,16 @@ def main():
         order = [("qft", sys.executable, None)]
         if not skip:
             order.append(("gptqmodel", a.interop_python, {"GPTQMODEL_CPU_WORKERS": "2"}))
-        for kind, py, env in order:  # side by side, same machine state
-            info, ckpt = run_worker(py, kind, g, tok_file, workdir, a.model, a.qft_args, env)
+        if a.concurrent:  # both at once: the same (shared, noisy) CPU load for both
+            handles = [(kind, start_worker(py, kind, g, tok_file, workdir, a.model, a.qft_args, env))
+                       for kind, py, env in order]
+            done = [(kind, finish_worker(h)) for kind, h in handles]
+        else:  # one after the other
+            done = [(kind, finish_worker(start_worker(py, kind, g, tok_file, workdir, a.model, a.qft_args, env)))
+                    for kind, py, env in order]
+        for kind, (info, ckpt) in done:
             if info is None:
-                r[f"{kind}_error"] = "worker failed (see stderr)"
+                r[f"{kind}_error"] = "worker failed (see its log)"
                 continue
             qm = load_quantized(ckpt, dtype=torch.bfloat16)
             r[f"{kind}_ppl"] = perplexity(qm, ev)
