@@ -26,3 +26,10 @@ def tokenizer():
     from qft.models import load_tokenizer
 
     return load_tokenizer("tiny-llama")
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Each test runs in its own temporary directory, so whatever a Trainer or library writes to the
+    working directory (lightning_logs, adapters, gptqmodel logs) never lands in the repository."""
+    monkeypatch.chdir(tmp_path)
