@@ -134,3 +134,20 @@ def test_full_finetune_learns(tokenizer, tmp_path):
     module = CausalLMModule(model="tiny-llama", lr=3e-3, compute_dtype="float32")
     _, losses = _fit(module, _batches(tokenizer, 2) * 4, 8, tmp_path)
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_qat_checkpoint_loads_into_a_fresh_module_without_the_callback(tokenizer, tmp_path):
+    from qft.qat import QATCallback, fake_quant_modules
+    from qft.quant import QuantScheme
+
+    module = CausalLMModule(model="tiny-llama", lr=1e-3, compute_dtype="float32")
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    qat = QATCallback(weight=QuantScheme(bits=4, group_size=64), range_learning=True)
+    _fit(module, _batches(tokenizer, 2), 2, tmp_path, callbacks=[qat, ckpt_cb])
+    fresh = CausalLMModule.load_from_checkpoint(tmp_path / "ck" / "last.ckpt")
+    trained = dict(fake_quant_modules(module))
+    loaded = dict(fake_quant_modules(fresh))
+    assert loaded.keys() == trained.keys() and len(loaded) == 4 * 7
+    sd_t, sd_l = module.state_dict(), fresh.state_dict()
+    scale_keys = [k for k in sd_t if "scale" in k]
+    assert scale_keys and all(torch.equal(sd_t[k], sd_l[k]) for k in scale_keys)
