@@ -36,6 +36,14 @@ INTEROP = "/work/venv-interop/bin/python"
 
 
 def rss_mb() -> float:
+    """This process's own peak RSS. ru_maxrss survives execve on Linux (a worker would report the parent's
+    peak), so read VmHWM, which belongs to the process's own address space."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
