@@ -1,4 +1,4 @@
-"""2-process gloo DDP run on CPU for test_ddp.py: each rank trains on different data and dumps its masks.
+"""2-process gloo DDP run on CPU for test_prilora_ddp.py: each rank trains on different data and dumps its masks.
 
 Run as ``python ddp_script.py OUTDIR``; Lightning's "ddp" strategy re-executes this script for rank 1.
 Besides the synced masks it records the mask each rank *would* have computed from its local,
