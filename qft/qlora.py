@@ -54,16 +54,3 @@ def quantize_nf4(model: nn.Module, double_quant: bool = False, compute_dtype: to
     model.is_loaded_in_4bit = True
     return swapped
 
-
-def nf4_weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and quantisation state (what NF4 saves)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    for m in model.modules():
-        qs = getattr(getattr(m, "weight", None), "quant_state", None)
-        if qs is not None:
-            total += sum(v.numel() * v.element_size() for v in qs.as_dict(packed=True).values() if torch.is_tensor(v))
-    return total
