@@ -248,7 +248,8 @@ class CausalLMModule(pl.LightningModule):
     # ------------------------------------------------------------ checkpoints
     def frozen_state_keys(self) -> set[str]:
         """State-dict keys of frozen base weights, including bitsandbytes' NF4 quant state."""
-        frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+        # remove_duplicate=False: a tied weight (lm_head = embed_tokens) has a state-dict key per name
+        frozen = {n for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
         prefixes = tuple(n[: -len("weight")] + "weight." for n in frozen if n.endswith("weight"))
         return {k for k in self.state_dict() if k in frozen or (prefixes and k.startswith(prefixes))}
 
