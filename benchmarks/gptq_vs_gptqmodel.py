@@ -60,15 +60,11 @@ def tokens(model_name, n_samples, seq_len, eval_windows, eval_len):
     return ev, calib
 
 
-@torch.inference_mode()
 def perplexity(model, ev, batch=4) -> float:
-    nll, n = 0.0, 0
-    for b in ev.split(batch):
-        out = model(input_ids=b, labels=b)
-        k = b.numel() - b.shape[0]
-        nll += float(out.loss) * k
-        n += k
-    return float(torch.exp(torch.tensor(nll / n)))
+    """Perplexity over the evaluation windows ``ev`` [n, len] (qft.evaluate's protocol)."""
+    from qft.evaluate import perplexity as windows_perplexity
+
+    return windows_perplexity(model, ev.flatten(), seq_len=ev.shape[1], batch_size=batch)
 
 
 @torch.inference_mode()
