@@ -33,12 +33,10 @@ def chat_example(tokenizer, messages: list[dict]) -> dict:
     if full[: len(prompt)] != prompt:
         raise ValueError("the chat template renders the prompt differently inside the full conversation; "
                          "cannot mask the prompt tokens reliably.")
-    labels = [IGNORE] * len(prompt) + full[len(prompt):]
     # Templates often end with a newline after the end-of-turn token: not worth learning.
-    while labels and full[-1] != tokenizer.eos_token_id and len(full) > len(prompt) + 1 and \
-            tokenizer.decode(full[-1:]).strip() == "":
-        full, labels = full[:-1], labels[:-1]
-    return {"input_ids": full, "labels": labels}
+    while len(full) > len(prompt) + 1 and not tokenizer.decode(full[-1:]).strip():
+        full = full[:-1]
+    return {"input_ids": full, "labels": [IGNORE] * len(prompt) + full[len(prompt):]}
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
