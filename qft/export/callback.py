@@ -15,14 +15,17 @@ from .merge import MERGE_INTO
 from .pipeline import DTYPES, check_backend, export
 from .sequential import find_decoder_blocks
 
+_D = GPTQConfig()  # the callback's defaults are the config's
+
 
 class GPTQExportCallback(pl.Callback):
     """Export the fine-tuned model as a Hugging Face GPTQ checkpoint when ``fit`` ends.
 
     Args:
         output_dir: where the checkpoint goes (must not exist unless ``overwrite``).
-        bits, group_size, sym, desc_act, static_groups, true_sequential, damp_percent, mse, method:
-            the quantization, see :class:`qft.export.GPTQConfig` (``method="rtn"`` for round-to-nearest).
+        bits, group_size, sym, desc_act, static_groups, act_group_aware, true_sequential, damp_percent,
+            hessian_dtype, mse, method: the quantization, see :class:`qft.export.GPTQConfig` (defaults are
+            its defaults; ``method="rtn"`` for round-to-nearest).
         calibration: a text file, a list of strings, a token tensor, or a DataModule; ``None`` uses the
             trainer's DataModule.
         n_samples, seq_len: calibration windows (``seq_len`` capped at the model's context).
@@ -43,15 +46,18 @@ class GPTQExportCallback(pl.Callback):
     - ``state_dict``/``load_state_dict``: whether the export ran and where, so a resumed run knows.
     """
 
-    def __init__(self, output_dir, bits: int = 4, group_size: int = 128, sym: bool = True, desc_act: bool = False,
-                 static_groups: bool = True, true_sequential: bool = True, damp_percent: float = 0.01,
-                 mse: bool = False, method: str = "gptq", calibration=None, n_samples: int = DEFAULT_N_SAMPLES,
+    def __init__(self, output_dir, bits: int = _D.bits, group_size: int = _D.group_size, sym: bool = _D.sym,
+                 desc_act: bool = _D.desc_act, static_groups: bool = _D.static_groups,
+                 act_group_aware: bool = _D.act_group_aware, true_sequential: bool = _D.true_sequential,
+                 damp_percent: float = _D.damp_percent, hessian_dtype: str = _D.hessian_dtype, mse: bool = _D.mse,
+                 method: str = _D.method, calibration=None, n_samples: int = DEFAULT_N_SAMPLES,
                  seq_len: int = DEFAULT_SEQ_LEN, merge_into: str = "original", backend: str = "qft", device=None,
                  dtype: str = "auto", overwrite: bool = False, measure_drift: bool = True, progress: bool = True):
         super().__init__()
         self.config = GPTQConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
-                                 static_groups=static_groups, true_sequential=true_sequential,
-                                 damp_percent=damp_percent, mse=mse, method=method)
+                                 static_groups=static_groups, act_group_aware=act_group_aware,
+                                 true_sequential=true_sequential, damp_percent=damp_percent,
+                                 hessian_dtype=hessian_dtype, mse=mse, method=method)
         if merge_into not in MERGE_INTO:
             raise ValueError(f"GPTQExportCallback(merge_into={merge_into!r}) is unknown; allowed: {list(MERGE_INTO)}.")
         if dtype not in DTYPES:

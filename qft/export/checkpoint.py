@@ -58,7 +58,8 @@ def quantization_config(cfg: GPTQConfig) -> dict:
         "format": "gptq",
         "checkpoint_format": "gptq",
         "pack_dtype": "int32",
-        "meta": {"quantizer": [f"qft:{qft_version()}"], "method": cfg.method, "mse": cfg.mse},
+        "meta": {"quantizer": [f"qft:{qft_version()}"], "method": cfg.method, "mse": cfg.mse,
+                 "act_group_aware": cfg.act_group_aware},
     }
 
 

@@ -19,9 +19,11 @@ import torch
 
 from .calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, calibration_tokens, model_max_length
 from .checkpoint import check_output_dir
-from .config import SUPPORTED_BITS, GPTQConfig
+from .config import HESSIAN_DTYPES, SUPPORTED_BITS, GPTQConfig
 from .merge import MERGE_INTO
 from .pipeline import BACKENDS, DTYPES, check_backend, export
+
+_D = GPTQConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -33,12 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--calibration", required=True, help="calibration text file")
     parser.add_argument("--n-samples", type=int, default=DEFAULT_N_SAMPLES)
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
-    parser.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS)
-    parser.add_argument("--group-size", type=int, default=128, help="-1 = one scale per output row")
+    parser.add_argument("--bits", type=int, default=_D.bits, choices=SUPPORTED_BITS)
+    parser.add_argument("--group-size", type=int, default=_D.group_size, help="-1 = one scale per output row")
     parser.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
     parser.add_argument("--desc-act", action="store_true", help="act-order (static groups)")
+    parser.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=_D.act_group_aware,
+                        help="group-aware reordering (g_idx stays natural)")
     parser.add_argument("--no-true-sequential", action="store_true")
-    parser.add_argument("--damp-percent", type=float, default=0.01)
+    parser.add_argument("--damp-percent", type=float, default=_D.damp_percent)
+    parser.add_argument("--hessian-dtype", default=_D.hessian_dtype, choices=HESSIAN_DTYPES)
     parser.add_argument("--mse", action="store_true", help="grid-search the clipping range")
     parser.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
     parser.add_argument("--merge-into", default="original", choices=MERGE_INTO)
@@ -99,8 +104,9 @@ def _from_adapter(path: str, model_name: str | None, merge_into: str):
 def run(args) -> dict:
     """Validate everything, then merge, quantize and write; prints and returns the summary."""
     cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=args.desc_act,
-                     true_sequential=not args.no_true_sequential, damp_percent=args.damp_percent, mse=args.mse,
-                     method=args.method)
+                     act_group_aware=args.act_group_aware and not args.desc_act,
+                     true_sequential=not args.no_true_sequential, damp_percent=args.damp_percent,
+                     hessian_dtype=args.hessian_dtype, mse=args.mse, method=args.method)
     check_backend(args.backend)
     check_output_dir(args.output, args.overwrite)
     if not Path(args.calibration).is_file():

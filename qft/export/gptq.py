@@ -23,22 +23,34 @@ from .config import GPTQConfig
 
 
 class HessianAccumulator:
-    """Running ``2/n * sum x x^T`` over calibration tokens, in fp32 whatever the model dtype.
+    """Running ``2/n * sum x x^T`` over calibration tokens, accumulated in fp32 whatever the model dtype.
 
-    The products are fp32 too: a bf16 GEMM would be ~2.6x faster on CPU, but rounding its output breaks
-    the positive-definiteness GPTQ relies on (measured: the damping then has to be raised far above 1%).
+    With ``low_precision`` (``GPTQConfig.hessian_dtype`` 'bfloat16', or 'auto' on bf16 activations) the
+    products are a bf16 GEMM over 512 tokens at a time: bf16 x bf16 products are exact, only each partial
+    sum is rounded to bf16 (2^-9 relative) before the fp32 accumulation, and those roundings average out
+    over the chunks. Measured on SmolLM2-135M's layers 0, 2, 10 and 29 with 128 x 512 WikiText-2 tokens:
+    relative Hessian error 0.5-3e-4 and the same GPTQ output error as fp32, at 2.5x the speed; only the
+    near-singular Hessian of layer 0's o_proj needed the damping raised (1% -> 1.25%). 8192-token chunks
+    round 16x fewer, larger sums, and there the damping had to go to 5%.
     """
 
-    def __init__(self, n_features: int, device=None):
+    CHUNK = 512
+
+    def __init__(self, n_features: int, device=None, low_precision: bool = False):
         self.H = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
         self.n_tokens = 0
+        self.low_precision = low_precision
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.H.device)
-        for chunk in x.split(8192):  # bounded fp32 copy of a low-precision activation
-            c = chunk.to(torch.float32)
-            self.H.addmm_(c.t(), c)
+        if self.low_precision and x.dtype == torch.bfloat16:
+            for c in x.split(self.CHUNK):
+                self.H.add_(c.t() @ c)
+        else:
+            for chunk in x.split(8192):  # bounded fp32 copy of a low-precision activation
+                c = chunk.to(torch.float32)
+                self.H.addmm_(c.t(), c)
         self.n_tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -147,83 +159,109 @@ def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, increment: flo
                 "data probably does not reach this layer (too few or constant tokens).")
 
 
+def column_order(diag: torch.Tensor, natural_group: torch.Tensor, cfg: GPTQConfig) -> torch.Tensor | None:
+    """The order GPTQ visits the input columns in, or ``None`` for the natural order.
+
+    ``desc_act``: by decreasing Hessian diagonal, so the columns that carry the most input energy are
+    quantized first, while the most columns are left to absorb their error (GPTQ's act-order).
+    ``act_group_aware``: group-aware reordering (GAR; Gafni, Karnieli & Hanani, CVPRW 2025,
+    arXiv:2505.14638): groups by decreasing largest diagonal, and columns by decreasing diagonal inside
+    each group. Each group stays contiguous, so its grid is fitted to the error-updated weights as in the
+    natural order, and ``g_idx`` stays ``i // group_size`` (no reordering in the inference kernel).
+    """
+    if cfg.desc_act:
+        return torch.argsort(diag, descending=True, stable=True)
+    if not cfg.act_group_aware:
+        return None
+    n_g = int(natural_group.max()) + 1
+    group_max = torch.full((n_g,), float("-inf"), device=diag.device).scatter_reduce(0, natural_group, diag, "amax")
+    rank = torch.empty(n_g, dtype=torch.long, device=diag.device)
+    rank[torch.argsort(group_max, descending=True, stable=True)] = torch.arange(n_g, device=diag.device)
+    within = torch.argsort(diag, descending=True, stable=True)  # then a stable sort by group rank keeps it
+    return within[torch.argsort(rank[natural_group[within]], stable=True)]
+
+
 @torch.no_grad()
-def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> QuantizedWeight:
-    """Quantize ``W [out, in]`` against Hessian ``H [in, in]`` (both left untouched)."""
-    W = W.detach().to(torch.float32).clone()
-    H = H.to(device=W.device, dtype=torch.float32).clone()
+def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: bool = True) -> QuantizedWeight:
+    """Quantize ``W [out, in]`` against Hessian ``H [in, in]`` (both left untouched).
+
+    The solve runs on ``W``'s transpose, so the column being quantized and the trailing columns it
+    updates are contiguous rows; per column that is one fused rank-1 update of the rest of the block
+    (128 columns by default, GPTQ's lazy batch), and each block's error reaches the remaining columns
+    as one GEMM. ``report_error`` also computes ``rel_error`` (two GEMMs; the export driver does it per
+    layer instead).
+    """
+    W = W.detach().to(torch.float32)
+    H0 = H.to(device=W.device, dtype=torch.float32)
+    H = H0.clone()
     out_f, in_f = W.shape
     maxq = 2**cfg.bits - 1
     gs = cfg.group_for(in_f)
-    W0, H0 = W.clone(), H.clone()
+    Wt = W.t().contiguous()  # [in, out]: column j of W is row j here
 
     dead = torch.diag(H) == 0  # inputs that were always zero: any value works, 0 is exact
     H[dead, dead] = 1
-    W[:, dead] = 0
+    Wt[dead] = 0
 
+    natural_group = torch.arange(in_f, device=W.device) // gs
     static = cfg.group_size == -1 or (cfg.desc_act and cfg.static_groups)
-    if static:  # grid fixed up front from the natural-order weights
-        scale_g, zero_g = _params_for_groups(W, cfg)
-    perm = None
-    if cfg.desc_act:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+    if static:  # grid fixed up front from the natural-order weights, as [G, out]
+        scale_g, zero_g = (t.t().contiguous() for t in _params_for_groups(Wt.t(), cfg))
+    else:
+        scale_g = torch.zeros(n_groups(in_f, gs), out_f, device=W.device)
+        zero_g = torch.zeros_like(scale_g)
+    perm = column_order(torch.diag(H), natural_group, cfg)
+    natural = perm if perm is not None else torch.arange(in_f, device=W.device)
+    if perm is not None:
+        Wt, H = Wt[perm], H[perm][:, perm]
     U, damp = damped_inverse_cholesky(H, cfg.damp_percent, cfg.damp_auto_increment)
 
-    # natural column index of each (possibly permuted) position, and its group
-    natural = perm if perm is not None else torch.arange(in_f, device=W.device)
-    if static:
-        g_of_pos = natural // gs if cfg.group_size != -1 else torch.zeros_like(natural)
-        scale_col, zero_col = scale_g[:, g_of_pos], zero_g[:, g_of_pos]
-    else:  # dynamic groups: params found at each group start from the error-updated weights
-        g_of_pos = torch.arange(in_f, device=W.device) // gs
-        scale_g = torch.zeros(out_f, n_groups(in_f, gs), device=W.device)
-        zero_g = torch.zeros_like(scale_g)
-        scale_col = torch.empty_like(W)
-        zero_col = torch.empty_like(W)
+    # the group whose grid each position uses: desc_act with dynamic groups numbers them in visiting
+    # order (HF's g_idx then maps natural columns to those); every other mode keeps natural groups
+    pos_group = natural_group if (cfg.desc_act and not static) else natural_group[natural]
+    pg = pos_group.tolist()
+    starts = {}  # position -> end of the contiguous run of its group (dynamic grids are fitted there)
+    if not static:
+        run = 0
+        for p in range(1, in_f + 1):
+            if p == in_f or pg[p] != pg[run]:
+                starts[run] = p
+                run = p
 
-    Q = torch.zeros_like(W)
-    losses = torch.zeros(out_f, device=W.device)
+    Qt = torch.empty_like(Wt)
+    loss = 0.0
     bs = cfg.block_size
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.empty_like(W1)
+        W1 = Wt[i1:i2]  # a view: its updates land in Wt, which dynamic grids read
+        E1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
+        d = torch.diag(U1).tolist()
         for i in range(i2 - i1):
             col = i1 + i
-            if not static and col % gs == 0:
-                ge = min(col + gs, in_f)
-                # the group's columns: the rest of this block (already updated) and what lies beyond it
-                wg = W1[:, i:ge - i1] if ge <= i2 else torch.cat([W1[:, i:], W[:, i2:ge]], 1)
-                s, z = group_params(wg, cfg.bits, cfg.sym, cfg.mse, cfg.mse_grid, cfg.mse_maxshrink)
-                g = col // gs
-                scale_g[:, g], zero_g[:, g] = s, z
-                scale_col[:, col:ge] = s[:, None]
-                zero_col[:, col:ge] = z[:, None]
-            w = W1[:, i]
-            d = U1[i, i]
-            s, z = scale_col[:, col], zero_col[:, col]
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            Q[:, col] = q
-            err = (w - s * (q - z)) / d
-            losses.addcmul_(err, err)
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-            Err1[:, i] = err
+            if col in starts:
+                g = pg[col]
+                s, z = group_params(Wt[col:starts[col]].t(), cfg.bits, cfg.sym, cfg.mse, cfg.mse_grid,
+                                    cfg.mse_maxshrink)
+                scale_g[g], zero_g[g] = s, z
+            s, z = scale_g[pg[col]], zero_g[pg[col]]
+            w = W1[i]
+            q = torch.div(w, s).round_().add_(z).clamp_(0, maxq)
+            Qt[col] = q
+            err = E1[i]
+            torch.sub(w, (q - z).mul_(s), out=err).div_(d[i])
+            if i + 1 < i2 - i1:
+                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+        loss += float(E1.square().sum())
         if i2 < in_f:
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
 
-    if perm is not None:
-        inv = torch.argsort(perm)
-        Q = Q[:, inv]
-        if not static:
-            g_of_pos = g_of_pos[inv]
-    g_idx = (g_of_pos if not static else (natural // gs if cfg.group_size != -1 else torch.zeros_like(natural)))
-    if static and perm is not None:
-        g_idx = g_idx[torch.argsort(perm)]
-    qw = QuantizedWeight(Q.to(torch.int32), scale_g, zero_g, g_idx.to(torch.int32), cfg.bits, cfg.group_size,
-                         damp_percent=damp, loss=float(losses.sum()) / 2)
-    qw.rel_error = relative_output_error(W0, qw.dequantize(), H0)
+    inv = torch.argsort(natural)
+    qw = QuantizedWeight(Qt[inv].t().to(torch.int32).contiguous(), scale_g.t().contiguous(),
+                         zero_g.t().contiguous(), pos_group[inv].to(torch.int32), cfg.bits, cfg.group_size,
+                         damp_percent=damp, loss=loss / 2)
+    if report_error:
+        qw.rel_error = relative_output_error(W, qw.dequantize(), H0)
     return qw
 
 

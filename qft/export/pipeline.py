@@ -116,7 +116,7 @@ def _export_gptqmodel(model, tokenizer, tokens, output_dir, cfg, overwrite, summ
             tokenizer.save_pretrained(work / "fp")
         qc = QuantizeConfig(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, desc_act=cfg.desc_act,
                             true_sequential=cfg.true_sequential, damp_percent=cfg.damp_percent,
-                            act_group_aware=False if cfg.desc_act else None)
+                            act_group_aware=cfg.act_group_aware)
         gm = GPTQModel.load(str(work / "fp"), qc, dtype=next(model.parameters()).dtype, device="cpu")
         gm.quantize([{"input_ids": r.tolist(), "attention_mask": [1] * r.numel()} for r in tokens])
         summary["quantize_s"] = time.perf_counter() - t1

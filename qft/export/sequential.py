@@ -150,6 +150,35 @@ def discover_groups(block: nn.Module, hidden, kwargs) -> list[list[str]]:
     return groups
 
 
+def child_endings(block: nn.Module, hidden, kwargs) -> dict[str, tuple[str, int]]:
+    """Direct children of ``block`` whose output is their last linear layer's output, as it came out.
+
+    ``{child: (linear name, tuple length or 0 for a bare tensor)}``: e.g. Llama's ``self_attn`` returns
+    ``(o_proj(x), None)``. Once such a child is final, its output is that linear applied to its saved
+    input, so the rest of the child (q/k/v, attention) need not run again. Checked by tensor identity on
+    one sequence, so an architecture that post-processes the output is simply not listed.
+    """
+    outs, child_out, handles = {}, {}, []
+    lins = block_linears(block)
+    for name, lin in lins.items():
+        handles.append(lin.register_forward_hook(lambda m, a, o, name=name: outs.__setitem__(name, o)))
+    for child, mod in block.named_children():
+        handles.append(mod.register_forward_hook(lambda m, a, o, child=child: child_out.__setitem__(child, o)))
+    try:
+        with torch.inference_mode():
+            _run_block(block, hidden[:1], kwargs if hidden.shape[0] == 1 else _slice_kwargs(kwargs, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    found = {}
+    for child, out in child_out.items():
+        first, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+        for name, o in outs.items():
+            if name.startswith(child + ".") and o is first and all(r is None for r in rest):
+                found[child] = (name, len(out) if isinstance(out, tuple) else 0)
+    return found
+
+
 def _slice_kwargs(kwargs, n):
     """Batch-slice tensors whose first dim is the batch (position embeddings, masks) for a discovery run."""
     def cut(v):
@@ -163,12 +192,14 @@ def _slice_kwargs(kwargs, n):
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | None = None, device=None,
-                   batch_size: int = 16, progress: bool = True):
+                   batch_size: int = 16, progress: bool = True, reuse_outputs: bool = True):
     """Quantize every linear layer in the decoder blocks of ``model`` (lm_head stays full precision).
 
     Returns ``(quantized, rows)``: ``{qualified layer name: QuantizedWeight}`` and per-layer report rows.
     The model's linear weights are overwritten with their dequantized values (so the model can be
-    evaluated as is); the integer codes are what ``save_quantized`` packs.
+    evaluated as is); the integer codes are what ``save_quantized`` packs. ``reuse_outputs`` replays
+    the saved outputs of a block's sub-modules once they are final (Llama's attention, in the MLP stages
+    of true-sequential) instead of recomputing them; the results are the same either way.
     """
     from tqdm.auto import tqdm
 
@@ -220,22 +251,39 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
         lins = block_linears(block)
         if groups is None:
             groups = discover_groups(block, *cache[0])
+            endings = child_endings(block, *cache[0]) if reuse_outputs else {}
         stages = [[g] for g in groups] if cfg.true_sequential else [groups]
+        final_after = _final_children(block, stages) if reuse_outputs else {}
+        saved: dict[str, list] = {}  # outputs of children whose weights and inputs are final
         next_cache = None
         for si, stage in enumerate(stages):
             # The last stage of a true-sequential block is usually one linear layer whose output is added
             # to the block output (Llama's down_proj). Then the block need not be run again afterwards:
             # next input = output with the old weight + x @ (W_q - W)^T, checked on one batch below.
             tail = cfg.true_sequential and si == len(stages) - 1 and len(stage[0]) == 1 and i + 1 < len(blocks)
-            stage_out = _collect_stage(block, lins, stage, cache, device, keep=tail)
-            accs, fwd_s, outs, tail_inputs = stage_out
+            # children final after this stage whose output is a linear's: keep that linear's inputs
+            ending = {c: endings[c] for c, last in final_after.items()
+                      if last == si < len(stages) - 1 and c in endings}
+            capture = [c for c, last in final_after.items() if last == si - 1 and c not in saved]
+            stage_out = _collect_stage(block, lins, stage, cache, device, keep=tail, replay=saved, capture=capture,
+                                       low_precision=_low_precision(cfg, cache),
+                                       keep_inputs=[_group_head(stage, lin) for lin, _ in ending.values()])
+            accs, fwd_s, outs, tail_inputs, captured, kept = stage_out
+            saved.update({c: o for c, o in captured.items() if len(o) == len(cache)})
             for g in stage:
                 t1 = time.perf_counter()
                 old = lins[g[0]].weight.detach().clone() if tail else None
                 W = torch.cat([lins[n].weight for n in g], 0)
                 H = accs[g[0]].hessian()
-                qw = gptq_solve(W, H, cfg)
+                qw = gptq_solve(W, H, cfg, report_error=False)
                 commit(i, g, lins, _to_cpu(qw), time.perf_counter() - t1 + fwd_s / len(stage), accs[g[0]].n_tokens, H)
+            for c, (lin, n_out) in ending.items():  # now final: replay as quantized linear(saved input)
+                xs = kept[_group_head(stage, lin)]
+                if len(xs) == len(cache):
+                    with torch.inference_mode():
+                        ys = [lins[lin](x) for x in xs]
+                    saved[c] = [(y,) + (None,) * (n_out - 1) if n_out else y for y in ys]
+            del kept
             if tail:
                 delta = lins[stage[0][0]].weight - old
                 with torch.inference_mode():
@@ -243,6 +291,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                 if not _tail_matches(block, cache[0], next_cache[0][0]):
                     next_cache = None
             del accs, outs, tail_inputs
+        del saved
         if i + 1 < len(blocks):
             if next_cache is None:
                 with torch.inference_mode():
@@ -253,15 +302,73 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     return quantized, rows
 
 
-def _collect_stage(block, lins, stage, cache, device, keep=False):
+def _final_children(block: nn.Module, stages) -> dict[str, int]:
+    """Direct children of ``block`` holding linear layers -> the stage after which they are final.
+
+    Stages run in execution order, so once a child's last linear layer is quantized, everything before
+    the child is too: its inputs and weights no longer change, and its output can be saved and replayed.
+    """
+    stage_of = {n: si for si, stage in enumerate(stages) for g in stage for n in g}
+    last: dict[str, int] = {}
+    for n, si in stage_of.items():
+        child = n.split(".")[0]
+        if "." in n:  # a linear that is itself a direct child is cheap to recompute
+            last[child] = max(last.get(child, -1), si)
+    return last
+
+
+def _low_precision(cfg: GPTQConfig, cache) -> bool:
+    if cfg.hessian_dtype == "auto":
+        return cache[0][0].dtype == torch.bfloat16
+    return cfg.hessian_dtype == "bfloat16"
+
+
+class _Replay(nn.Module):
+    """Stands in for a child module during one pass over the cached batches, returning its saved outputs."""
+
+    def __init__(self, outputs: list):
+        super().__init__()
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.outputs[self.calls - 1]
+
+
+@contextmanager
+def _replaying(block: nn.Module, saved: dict[str, list]):
+    originals = {name: getattr(block, name) for name in saved}
+    try:
+        for name, outs in saved.items():
+            setattr(block, name, _Replay(outs))
+        yield
+    finally:
+        for name, mod in originals.items():
+            setattr(block, name, mod)
+
+
+def _group_head(stage, linear: str) -> str:
+    """The first layer of ``linear``'s group in ``stage`` (where its shared input is seen)."""
+    return next(g[0] for g in stage if linear in g)
+
+
+def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, capture=(), low_precision=False,
+                   keep_inputs=()):
     """Run the cached inputs through ``block`` to accumulate the Hessians of ``stage``'s groups.
 
     Without ``keep`` the forward stops at the pre-hook of the last group's first layer (its input is all
     the group needs). With ``keep`` it runs to the end and returns the outputs and that layer's inputs.
+    Children named in ``replay`` return their saved outputs instead of running; those in ``capture``
+    have their outputs saved (complete only if the forward got past them); the layers in ``keep_inputs``
+    (group heads of this stage) have their inputs saved.
     """
     t0 = time.perf_counter()
-    accs = {g[0]: HessianAccumulator(lins[g[0]].in_features, device) for g in stage}
+    accs = {g[0]: HessianAccumulator(lins[g[0]].in_features, device, low_precision) for g in stage}
     handles = [lins[g[0]].register_forward_pre_hook(lambda m, a, acc=accs[g[0]]: acc.add(a[0])) for g in stage]
+    captured = {c: [] for c in capture}
+    kept = {n: [] for n in keep_inputs}
+    handles += [lins[n].register_forward_pre_hook(lambda m, a, n=n: kept[n].append(a[0])) for n in kept]
+    handles += [getattr(block, c).register_forward_hook(lambda m, a, o, c=c: captured[c].append(o)) for c in capture]
     last = stage[-1][0]  # groups are in execution order
     inputs, outs = [], []
     if keep:
@@ -269,7 +376,7 @@ def _collect_stage(block, lins, stage, cache, device, keep=False):
     else:
         handles.append(lins[last].register_forward_pre_hook(_stop))  # after the Hessian hook
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _replaying(block, replay or {}):
             for hidden, kw in cache:
                 try:
                     out = _run_block(block, hidden, kw)
@@ -280,13 +387,16 @@ def _collect_stage(block, lins, stage, cache, device, keep=False):
     finally:
         for h in handles:
             h.remove()
-    return accs, time.perf_counter() - t0, outs, inputs
+    return accs, time.perf_counter() - t0, outs, inputs, captured, kept
 
 
 def _tail_matches(block, first, shortcut, tol: float = 2e-2) -> bool:
     """Does ``output + x @ dW^T`` reproduce a real forward of the quantized block (batch 0)?"""
+    hidden, kwargs = first
+    n = min(2, hidden.shape[0])  # two sequences are enough to catch a block that is not residual
     with torch.inference_mode():
-        ref = _run_block(block, *first).float()
+        ref = _run_block(block, hidden[:n], _slice_kwargs(kwargs, n)).float()
+    shortcut = shortcut[:n]
     err = float((ref - shortcut.float()).norm() / ref.norm().clamp_min(1e-12))
     return err < tol
 

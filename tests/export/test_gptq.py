@@ -23,7 +23,8 @@ def test_identity_hessian_reduces_to_rtn():
 
 @pytest.mark.parametrize("kw", [dict(bits=4), dict(bits=3, sym=False), dict(bits=2, group_size=32, desc_act=True), dict(bits=8),
                                 dict(group_size=-1), dict(desc_act=True), dict(desc_act=True, static_groups=False),
-                                dict(mse=True), dict(true_sequential=False, group_size=128)])
+                                dict(mse=True), dict(true_sequential=False, group_size=128),
+                                dict(act_group_aware=True), dict(act_group_aware=True, bits=3, sym=False)])
 def test_gptq_beats_rtn_on_output_error(kw):
     W, H = problem()
     cfg = GPTQConfig(**kw)
@@ -100,7 +101,55 @@ def test_scales_are_fp16_representable():
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(bits=5), "bits=5"), (dict(bits=1), "bits=1"), (dict(group_size=0), "group_size"),
-                                    (dict(damp_percent=1.5), "damp_percent"), (dict(method="awq"), "method")])
+                                    (dict(damp_percent=1.5), "damp_percent"), (dict(method="awq"), "method"),
+                                    (dict(desc_act=True, act_group_aware=True), "pick one column order"),
+                                    (dict(hessian_dtype="fp16"), "hessian_dtype='fp16'")])
 def test_config_rejects_bad_values(kw, msg):
     with pytest.raises(ValueError, match=msg):
         GPTQConfig(**kw)
+
+
+def test_group_aware_order_keeps_groups_contiguous_and_natural_g_idx():
+    from qft.export.gptq import column_order
+
+    diag = torch.tensor([1.0, 9.0, 2.0, 3.0, 0.5, 4.0])  # groups of 2: maxima 9, 3, 4
+    groups = torch.arange(6) // 2
+    perm = column_order(diag, groups, GPTQConfig(act_group_aware=True, group_size=2))
+    assert perm.tolist() == [1, 0, 5, 4, 3, 2]  # group 0 (max 9), group 2 (max 4), group 1 (max 3)
+    assert column_order(diag, groups, GPTQConfig(group_size=2)) is None
+    assert column_order(diag, groups, GPTQConfig(desc_act=True, group_size=2)).tolist() == [1, 5, 3, 2, 0, 4]
+    W, H = problem()
+    q = gptq_solve(W, H, GPTQConfig(act_group_aware=True, group_size=64))
+    assert torch.equal(q.g_idx, torch.arange(256, dtype=torch.int32) // 64)
+
+
+def test_group_aware_with_a_short_last_group():
+    W, H = problem(inn=96)
+    q = gptq_solve(W, H, GPTQConfig(group_size=64, act_group_aware=True))
+    assert torch.equal(q.g_idx, torch.arange(96, dtype=torch.int32) // 64)
+    assert q.rel_error < relative_output_error(W, rtn_solve(W, GPTQConfig(group_size=64)).dequantize(), H)
+
+
+def test_gptq_solve_leaves_its_inputs_alone_and_can_skip_the_error_report():
+    W, H = problem()
+    W0, H0 = W.clone(), H.clone()
+    q = gptq_solve(W, H, GPTQConfig(act_group_aware=True), report_error=False)
+    assert torch.equal(W, W0) and torch.equal(H, H0) and q.rel_error == 0.0
+
+
+def test_config_from_the_qat_scheme_shares_its_grid():
+    from qft.quant import QuantScheme
+    from qft.quant.grid import rtn_quantize_weight
+
+    scheme = QuantScheme(bits=3, group_size=32, symmetric=False)
+    cfg = GPTQConfig.from_scheme(scheme, method="rtn", damp_percent=0.05)
+    assert (cfg.bits, cfg.group_size, cfg.sym, cfg.damp_percent) == (3, 32, False, 0.05)
+    W, _ = problem()
+    codes, scale, zero = rtn_quantize_weight(W, scheme)
+    r = rtn_solve(W, cfg)
+    assert torch.equal(r.codes, codes) and torch.equal(r.scale, scale) and torch.equal(r.zero, zero)
+    assert GPTQConfig.from_scheme(QuantScheme(granularity="per_channel")).group_size == -1
+    with pytest.raises(ValueError, match="come from the scheme"):
+        GPTQConfig.from_scheme(scheme, bits=4)
+    with pytest.raises(ValueError, match="per_token"):
+        GPTQConfig.from_scheme(QuantScheme(granularity="per_token", dynamic=True))
