@@ -48,7 +48,7 @@ class GPTQExportCallback(pl.Callback):
 
     def __init__(self, output_dir, bits: int = _D.bits, group_size: int = _D.group_size, sym: bool = _D.sym,
                  desc_act: bool = _D.desc_act, static_groups: bool = _D.static_groups,
-                 act_group_aware: bool = _D.act_group_aware, true_sequential: bool = _D.true_sequential,
+                 act_group_aware: bool | None = None, true_sequential: bool = _D.true_sequential,
                  damp_percent: float = _D.damp_percent, hessian_dtype: str = _D.hessian_dtype, mse: bool = _D.mse,
                  method: str = _D.method, calibration=None, n_samples: int = DEFAULT_N_SAMPLES,
                  seq_len: int = DEFAULT_SEQ_LEN, merge_into: str = "original", backend: str = "qft", device=None,

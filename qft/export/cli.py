@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--group-size", type=int, default=_D.group_size, help="-1 = one scale per output row")
     parser.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
     parser.add_argument("--desc-act", action="store_true", help="act-order (static groups)")
-    parser.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=_D.act_group_aware,
-                        help="group-aware reordering (g_idx stays natural)")
+    parser.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=None,
+                        help="group-aware reordering (g_idx stays natural); default: on unless --desc-act")
     parser.add_argument("--no-true-sequential", action="store_true")
     parser.add_argument("--damp-percent", type=float, default=_D.damp_percent)
     parser.add_argument("--hessian-dtype", default=_D.hessian_dtype, choices=HESSIAN_DTYPES)
@@ -104,7 +104,7 @@ def _from_adapter(path: str, model_name: str | None, merge_into: str):
 def run(args) -> dict:
     """Validate everything, then merge, quantize and write; prints and returns the summary."""
     cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=args.desc_act,
-                     act_group_aware=args.act_group_aware and not args.desc_act,
+                     act_group_aware=args.act_group_aware,
                      true_sequential=not args.no_true_sequential, damp_percent=args.damp_percent,
                      hessian_dtype=args.hessian_dtype, mse=args.mse, method=args.method)
     check_backend(args.backend)

@@ -10,6 +10,14 @@ groups are quantized in execution order, each one's Hessian collected from input
 through the quantized layers before it; the forward is cut short (an exception from a pre-hook) as soon
 as the last layer of the group is reached, so early groups cost only a fraction of a block forward.
 The grouping is discovered by running one batch with hooks, not hard-coded per architecture.
+
+Nothing is computed twice that need not be. Once a sub-module of the block is final (its weights are
+quantized and everything before it is too), later stages replay it: as its last linear applied to the
+inputs saved while that linear was calibrated, when its output is that linear's (Llama's attention is
+``o_proj(...)``, so attention runs once per block, not three times), or else as its saved outputs. And
+the next block's inputs come from the last stage's forward plus a correction (see ``_tail_matches``).
+Measured on SmolLM2-135M with 128 x 512 calibration tokens, bf16, 2 CPU cores: the whole export takes
+about 1.5x one plain forward of the model over the calibration set (BENCHMARKS.md).
 """
 from __future__ import annotations
 

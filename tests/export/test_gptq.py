@@ -116,7 +116,8 @@ def test_group_aware_order_keeps_groups_contiguous_and_natural_g_idx():
     groups = torch.arange(6) // 2
     perm = column_order(diag, groups, GPTQConfig(act_group_aware=True, group_size=2))
     assert perm.tolist() == [1, 0, 5, 4, 3, 2]  # group 0 (max 9), group 2 (max 4), group 1 (max 3)
-    assert column_order(diag, groups, GPTQConfig(group_size=2)) is None
+    assert column_order(diag, groups, GPTQConfig(group_size=2, act_group_aware=False)) is None
+    assert GPTQConfig().act_group_aware and not GPTQConfig(desc_act=True).act_group_aware  # default: unless desc_act
     assert column_order(diag, groups, GPTQConfig(desc_act=True, group_size=2)).tolist() == [1, 5, 3, 2, 0, 4]
     W, H = problem()
     q = gptq_solve(W, H, GPTQConfig(act_group_aware=True, group_size=64))
