@@ -17,7 +17,6 @@ import json
 import os
 
 import pytorch_lightning as pl
-import torch
 
 
 def main(argv=None):
@@ -32,6 +31,7 @@ def main(argv=None):
     p.add_argument("--num-train", type=int, default=4000)
     p.add_argument("--root", default="runs/multi_gpu")
     p.add_argument("--report", help="write each rank's final adapter checksum here (used by the tests)")
+    p.add_argument("--export", help="also export GPTQ int4 (group 64) here at fit end: rank 0 works, the others wait")
     args = p.parse_args(argv)
 
     from qft.data import QFTDataModule
@@ -45,16 +45,25 @@ def main(argv=None):
         from pytorch_lightning.strategies import FSDPStrategy
 
         strategy = FSDPStrategy(use_orig_params=True)  # LoRA: frozen and trainable params share flat buffers
+    callbacks = []
+    if args.export:
+        from qft.export.callback import GPTQExportCallback
+
+        # calibration=None: windows of the trainer's DataModule (the synthetic task here)
+        callbacks.append(GPTQExportCallback(args.export, bits=4, group_size=64, n_samples=16, seq_len=32,
+                                            progress=False))
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=strategy,
                          max_steps=args.max_steps, default_root_dir=args.root, limit_val_batches=2,
-                         enable_progress_bar=False, logger=False, enable_checkpointing=False)
+                         enable_progress_bar=False, logger=False, enable_checkpointing=False, callbacks=callbacks)
     trainer.fit(module, data)
     if args.report:
         trainable = [p.detach().double() for p in module.parameters() if p.requires_grad]
         report = {"rank": trainer.global_rank, "world_size": trainer.world_size,
                   "checksum": float(sum(t.sum() for t in trainable)),
                   "abs_sum": float(sum(t.abs().sum() for t in trainable)),
-                  "loss": float(trainer.callback_metrics["train/loss"])}
+                  "loss": float(trainer.callback_metrics["train/loss"]),
+                  # after fit returns, every rank must see the finished export (the others waited for rank 0)
+                  "export_seen": bool(args.export) and os.path.isfile(os.path.join(args.export, "config.json"))}
         os.makedirs(args.report, exist_ok=True)
         with open(os.path.join(args.report, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(report, f)

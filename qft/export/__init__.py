@@ -2,15 +2,17 @@
 write a Hugging Face GPTQ checkpoint that ``load_quantized`` (pure torch) and transformers+gptqmodel read.
 
 Pieces: ``config.GPTQConfig`` (knobs), ``gptq`` (the solve), ``calibration`` (tokens), ``sequential``
-(block-by-block driver), ``merge`` (adapters -> fp base), ``checkpoint`` (atomic HF write), ``load``,
-``report``, ``callback.GPTQExportCallback`` (Lightning) and ``cli`` (``qft export``).
+(block-by-block driver), ``blocks`` (what a decoder block looks like), ``merge`` (adapters -> fp base),
+``checkpoint`` (atomic HF write), ``load``, ``report``, ``callback.GPTQExportCallback`` (Lightning) and
+``cli`` (``qft export``).
 """
+from .blocks import find_decoder_blocks
 from .calibration import CalibrationError, calibration_tokens
 from .checkpoint import save_quantized
 from .config import GPTQConfig
 from .gptq import QuantizedWeight, gptq_solve, rtn_solve
 from .load import load_quantized
-from .sequential import find_decoder_blocks, quantize_model
+from .sequential import quantize_model
 
 __all__ = ["GPTQConfig", "CalibrationError", "calibration_tokens", "save_quantized", "QuantizedWeight", "gptq_solve",
            "rtn_solve", "load_quantized", "find_decoder_blocks", "quantize_model"]

@@ -13,7 +13,7 @@ from .checkpoint import check_output_dir
 from .config import GPTQConfig
 from .merge import MERGE_INTO
 from .pipeline import DTYPES, check_backend, export
-from .sequential import find_decoder_blocks
+from .blocks import find_decoder_blocks
 
 _D = GPTQConfig()  # the callback's defaults are the config's
 

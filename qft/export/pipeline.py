@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from .blocks import check_model
 from .checkpoint import check_output_dir, save_quantized, _swap_into_place
 from .config import GPTQConfig
 from .merge import drift, lora_deltas, merge_adapters
-from .sequential import check_model, quantize_model
+from .sequential import quantize_model
 
 BACKENDS = ("qft", "gptqmodel")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -22,60 +22,20 @@ about 1.5x one plain forward of the model over the calibration set (BENCHMARKS.m
 from __future__ import annotations
 
 import time
-import warnings
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import (block_linears, check_model, child_endings, discover_groups, final_children, find_decoder_blocks,
+                     replaying, run_block, slice_kwargs)
 from .config import GPTQConfig
 from .gptq import HessianAccumulator, QuantizedWeight, gptq_solve, relative_output_error, rtn_solve
 
 
 class _StopForward(Exception):
     """Raised from a hook to end a forward early; never escapes this module."""
-
-
-def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ``nn.ModuleList`` of repeated blocks holding linear layers (``model.model.layers`` for Llama)."""
-    best = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1 \
-                and any(isinstance(x, nn.Linear) for x in mod[0].modules()):
-            if best is None or len(mod) > len(best[1]):
-                best = (name, mod)
-    if best is None:
-        raise ValueError(f"{type(model).__name__} has no decoder blocks (no nn.ModuleList of identical modules with "
-                         "linear layers); GPTQ export supports transformer decoders such as LlamaForCausalLM.")
-    return best
-
-
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
-def check_model(model: nn.Module, cfg: GPTQConfig) -> list[str]:
-    """Validate every quantizable layer before any work; return warnings about short last groups."""
-    prefix, blocks = find_decoder_blocks(model)
-    odd, bad = [], []
-    for i, block in enumerate(blocks):
-        for n, lin in block_linears(block).items():
-            full = f"{prefix}.{i}.{n}"
-            if lin.in_features % 32 or lin.out_features % 32:
-                bad.append(f"{full} ({lin.out_features}x{lin.in_features})")
-            if cfg.group_size != -1 and lin.in_features % cfg.group_size:
-                odd.append(f"{full} (in_features={lin.in_features})")
-    if bad:
-        raise ValueError("GPTQ int32 packing needs in_features and out_features divisible by 32; these layers are "
-                         f"not: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
-    msgs = []
-    if odd:
-        msgs.append(f"group_size={cfg.group_size} does not divide in_features of {len(odd)} layers (e.g. {odd[0]}): "
-                    "their last group is short. The checkpoint is valid GPTQ and loads with qft.load_quantized, but "
-                    "gptqmodel's CPU kernels and vLLM refuse it; pick a divisor (e.g. 64 or 32) for those runtimes.")
-        warnings.warn(msgs[-1], stacklevel=3)
-    return msgs
 
 
 @contextmanager
@@ -122,80 +82,6 @@ def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int, device) -
     finally:
         handle.remove()
     return cache
-
-
-def _run_block(block, hidden, kwargs):
-    kw = dict(kwargs)
-    extra = kw.pop("_args", ())
-    out = block(hidden, *extra, **kw)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def discover_groups(block: nn.Module, hidden, kwargs) -> list[list[str]]:
-    """Linear layers of ``block`` in execution order, grouped by the input tensor they share."""
-    order, inputs = [], {}
-    handles = []
-    for name, lin in block_linears(block).items():
-        def pre(mod, args, name=name):
-            order.append(name)
-            inputs[name] = args[0]  # keeping the tensor alive: its identity (not its address) groups layers
-        handles.append(lin.register_forward_pre_hook(pre))
-    try:
-        with torch.inference_mode():
-            _run_block(block, hidden[:1], kwargs if hidden.shape[0] == 1 else _slice_kwargs(kwargs, 1))
-    finally:
-        for h in handles:
-            h.remove()
-    groups: list[list[str]] = []
-    for name in dict.fromkeys(order):
-        if groups and inputs[groups[-1][0]] is inputs[name]:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    missing = set(block_linears(block)) - set(order)
-    if missing:
-        raise RuntimeError(f"GPTQ: layers {sorted(missing)} never ran in a block forward; cannot calibrate them.")
-    return groups
-
-
-def child_endings(block: nn.Module, hidden, kwargs) -> dict[str, tuple[str, int]]:
-    """Direct children of ``block`` whose output is their last linear layer's output, as it came out.
-
-    ``{child: (linear name, tuple length or 0 for a bare tensor)}``: e.g. Llama's ``self_attn`` returns
-    ``(o_proj(x), None)``. Once such a child is final, its output is that linear applied to its saved
-    input, so the rest of the child (q/k/v, attention) need not run again. Checked by tensor identity on
-    one sequence, so an architecture that post-processes the output is simply not listed.
-    """
-    outs, child_out, handles = {}, {}, []
-    lins = block_linears(block)
-    for name, lin in lins.items():
-        handles.append(lin.register_forward_hook(lambda m, a, o, name=name: outs.__setitem__(name, o)))
-    for child, mod in block.named_children():
-        handles.append(mod.register_forward_hook(lambda m, a, o, child=child: child_out.__setitem__(child, o)))
-    try:
-        with torch.inference_mode():
-            _run_block(block, hidden[:1], kwargs if hidden.shape[0] == 1 else _slice_kwargs(kwargs, 1))
-    finally:
-        for h in handles:
-            h.remove()
-    found = {}
-    for child, out in child_out.items():
-        first, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
-        for name, o in outs.items():
-            if name.startswith(child + ".") and o is first and all(r is None for r in rest):
-                found[child] = (name, len(out) if isinstance(out, tuple) else 0)
-    return found
-
-
-def _slice_kwargs(kwargs, n):
-    """Batch-slice tensors whose first dim is the batch (position embeddings, masks) for a discovery run."""
-    def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > 1:
-            return v[:n]
-        if isinstance(v, tuple):
-            return tuple(cut(x) for x in v)
-        return v
-    return {k: cut(v) for k, v in kwargs.items()}
 
 
 @torch.no_grad()
@@ -261,7 +147,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             groups = discover_groups(block, *cache[0])
             endings = child_endings(block, *cache[0]) if reuse_outputs else {}
         stages = [[g] for g in groups] if cfg.true_sequential else [groups]
-        final_after = _final_children(block, stages) if reuse_outputs else {}
+        final_after = final_children(stages) if reuse_outputs else {}
         saved: dict[str, list] = {}  # outputs of children whose weights and inputs are final
         next_cache = None
         for si, stage in enumerate(stages):
@@ -303,56 +189,17 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
         if i + 1 < len(blocks):
             if next_cache is None:
                 with torch.inference_mode():
-                    next_cache = [(_run_block(block, hidden, kw), kw) for hidden, kw in cache]
+                    next_cache = [(run_block(block, hidden, kw), kw) for hidden, kw in cache]
             cache = next_cache
         block.to(home)
     bar.close()
     return quantized, rows
 
 
-def _final_children(block: nn.Module, stages) -> dict[str, int]:
-    """Direct children of ``block`` holding linear layers -> the stage after which they are final.
-
-    Stages run in execution order, so once a child's last linear layer is quantized, everything before
-    the child is too: its inputs and weights no longer change, and its output can be saved and replayed.
-    """
-    stage_of = {n: si for si, stage in enumerate(stages) for g in stage for n in g}
-    last: dict[str, int] = {}
-    for n, si in stage_of.items():
-        child = n.split(".")[0]
-        if "." in n:  # a linear that is itself a direct child is cheap to recompute
-            last[child] = max(last.get(child, -1), si)
-    return last
-
-
 def _low_precision(cfg: GPTQConfig, cache) -> bool:
     if cfg.hessian_dtype == "auto":
         return cache[0][0].dtype == torch.bfloat16
     return cfg.hessian_dtype == "bfloat16"
-
-
-class _Replay(nn.Module):
-    """Stands in for a child module during one pass over the cached batches, returning its saved outputs."""
-
-    def __init__(self, outputs: list):
-        super().__init__()
-        self.outputs, self.calls = outputs, 0
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        return self.outputs[self.calls - 1]
-
-
-@contextmanager
-def _replaying(block: nn.Module, saved: dict[str, list]):
-    originals = {name: getattr(block, name) for name in saved}
-    try:
-        for name, outs in saved.items():
-            setattr(block, name, _Replay(outs))
-        yield
-    finally:
-        for name, mod in originals.items():
-            setattr(block, name, mod)
 
 
 def _group_head(stage, linear: str) -> str:
@@ -384,10 +231,10 @@ def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, c
     else:
         handles.append(lins[last].register_forward_pre_hook(_stop))  # after the Hessian hook
     try:
-        with torch.inference_mode(), _replaying(block, replay or {}):
+        with torch.inference_mode(), replaying(block, replay or {}):
             for hidden, kw in cache:
                 try:
-                    out = _run_block(block, hidden, kw)
+                    out = run_block(block, hidden, kw)
                     if keep:
                         outs.append(out)
                 except _StopForward:
@@ -403,7 +250,7 @@ def _tail_matches(block, first, shortcut, tol: float = 2e-2) -> bool:
     hidden, kwargs = first
     n = min(2, hidden.shape[0])  # two sequences are enough to catch a block that is not residual
     with torch.inference_mode():
-        ref = _run_block(block, hidden[:n], _slice_kwargs(kwargs, n)).float()
+        ref = run_block(block, hidden[:n], slice_kwargs(kwargs, n)).float()
     shortcut = shortcut[:n]
     err = float((ref - shortcut.float()).norm() / ref.norm().clamp_min(1e-12))
     return err < tol

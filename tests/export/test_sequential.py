@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import qft.export.blocks as blocks
 import qft.export.sequential as seq
 from qft.export import GPTQConfig, quantize_model
 
@@ -13,13 +14,6 @@ from qft.export import GPTQConfig, quantize_model
 def logits(model, x):
     with torch.no_grad():
         return model(x).logits.float()
-
-
-def test_groups_follow_shared_inputs(tiny, calib_tokens):
-    cache = seq.capture_block_inputs(tiny, calib_tokens[:2], 2, "cpu")
-    groups = seq.discover_groups(tiny.model.layers[0], *cache[0])
-    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(true_sequential=False), dict(desc_act=True, group_size=64),
@@ -68,7 +62,7 @@ def test_replaying_final_attention_outputs_changes_nothing(calib_tokens):
     for mode in ("ending", "capture", "off"):
         no_endings = mock.patch.object(seq, "child_endings", return_value={}) if mode == "capture" else \
             mock.patch.object(seq, "child_endings", wraps=seq.child_endings)
-        with mock.patch.object(seq, "_Replay", wraps=seq._Replay) as replay, no_endings:
+        with mock.patch.object(blocks, "Replay", wraps=blocks.Replay) as replay, no_endings:
             runs[mode] = quantize_model(copy.deepcopy(m), GPTQConfig(), calib_tokens, batch_size=8, progress=False,
                                         reuse_outputs=mode != "off")[0]
         replays[mode] = replay.call_count
@@ -76,12 +70,6 @@ def test_replaying_final_attention_outputs_changes_nothing(calib_tokens):
     for k in runs["off"]:
         assert torch.equal(runs["ending"][k].codes, runs["off"][k].codes), k
         assert torch.equal(runs["capture"][k].codes, runs["off"][k].codes), k
-
-
-def test_final_children_are_those_whose_last_linear_is_done():
-    stages = [[["self_attn.q_proj", "self_attn.k_proj"]], [["self_attn.o_proj"]], [["mlp.up_proj"]],
-              [["mlp.down_proj"]], [["lm_proj"]]]
-    assert seq._final_children(None, stages) == {"self_attn": 1, "mlp": 3}
 
 
 def test_bf16_hessian_is_close_to_fp32_and_still_fp32_accumulated():
