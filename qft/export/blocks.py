@@ -63,6 +63,16 @@ def run_block(block, hidden, kwargs):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _probe(block, hidden, kwargs, handles) -> None:
+    """Run one sequence through ``block`` so its hooks (``handles``) can look, then remove them."""
+    try:
+        with torch.inference_mode():
+            run_block(block, hidden[:1], kwargs if hidden.shape[0] == 1 else slice_kwargs(kwargs, 1))
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def discover_groups(block: nn.Module, hidden, kwargs) -> list[list[str]]:
     """Linear layers of ``block`` in execution order, grouped by the input tensor they share."""
     order, inputs = [], {}
@@ -72,12 +82,7 @@ def discover_groups(block: nn.Module, hidden, kwargs) -> list[list[str]]:
             order.append(name)
             inputs[name] = args[0]  # keeping the tensor alive: its identity (not its address) groups layers
         handles.append(lin.register_forward_pre_hook(pre))
-    try:
-        with torch.inference_mode():
-            run_block(block, hidden[:1], kwargs if hidden.shape[0] == 1 else slice_kwargs(kwargs, 1))
-    finally:
-        for h in handles:
-            h.remove()
+    _probe(block, hidden, kwargs, handles)
     groups: list[list[str]] = []
     for name in dict.fromkeys(order):
         if groups and inputs[groups[-1][0]] is inputs[name]:
@@ -104,12 +109,7 @@ def child_endings(block: nn.Module, hidden, kwargs) -> dict[str, tuple[str, int]
         handles.append(lin.register_forward_hook(lambda m, a, o, name=name: outs.__setitem__(name, o)))
     for child, mod in block.named_children():
         handles.append(mod.register_forward_hook(lambda m, a, o, child=child: child_out.__setitem__(child, o)))
-    try:
-        with torch.inference_mode():
-            run_block(block, hidden[:1], kwargs if hidden.shape[0] == 1 else slice_kwargs(kwargs, 1))
-    finally:
-        for h in handles:
-            h.remove()
+    _probe(block, hidden, kwargs, handles)
     found = {}
     for child, out in child_out.items():
         first, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
