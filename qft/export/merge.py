@@ -1,10 +1,13 @@
 """Merge trained LoRA adapters into a full-precision base, and measure what the merge changed.
 
-Why reload the base: after QLoRA the model in memory holds NF4 weights. Merging into their dequantized
-values would bake NF4's rounding into the weights that GPTQ then rounds again. The issue's default is
-therefore to reload the ORIGINAL full-precision weights (``qft.models.load_model``) and add each
-adapter's delta ``scaling * B @ A`` to them; ``merge_into="dequantized_nf4"`` instead reproduces the
-trained model exactly (up to fp rounding) by merging into the dequantized NF4 weights.
+Why reload the base: after QLoRA the model in memory holds NF4 weights, and merging into their
+dequantized values bakes NF4's rounding into the weights that GPTQ then rounds again. The default
+(Hugging Face's recipe, and the issue's) is therefore to reload the ORIGINAL full-precision weights
+(``qft.models.load_model``) and add each adapter's delta ``scaling * B @ A`` to them;
+``merge_into="dequantized_nf4"`` instead reproduces the trained model exactly (up to fp rounding) by
+merging into the dequantized NF4 weights. Which is better depends on how much the adapter learned to
+correct the NF4 error: on the demo's task the original-weight merge loses 12 points of accuracy in fp32
+and the NF4 merge none (int4 exports: 82% vs 92%; BENCHMARKS.md, benchmarks/merge_into.py).
 
 PRILoRA masks (``{lora module name: mask shaped like A}``, from ``PRILoRACallback.masks`` or its
 checkpoint state) are applied to ``A`` before the product, so a pruned entry never leaks into the merge.

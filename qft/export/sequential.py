@@ -138,6 +138,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
         raise ValueError("quantize_model(method='gptq') needs calibration tokens; see qft.export.calibration.")
     cache = capture_block_inputs(model, tokens, batch_size, device)
     groups = None
+    low_precision = _low_precision(cfg, cache)  # same activations dtype in every block
     for i, block in enumerate(blocks):
         bar.set_postfix_str(f"block {i + 1}/{len(blocks)}")
         home = next(block.parameters()).device
@@ -160,7 +161,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                       if last == si < len(stages) - 1 and c in endings}
             capture = [c for c, last in final_after.items() if last == si - 1 and c not in saved]
             stage_out = _collect_stage(block, lins, stage, cache, device, keep=tail, replay=saved, capture=capture,
-                                       low_precision=_low_precision(cfg, cache),
+                                       low_precision=low_precision,
                                        keep_inputs=[_group_head(stage, lin) for lin, _ in ending.values()])
             accs, fwd_s, outs, tail_inputs, captured, kept = stage_out
             saved.update({c: o for c, o in captured.items() if len(o) == len(cache)})
