@@ -5,22 +5,14 @@ sit on another device in another dtype (or in NF4). Registered as a submodule, L
 it to the student's device, DDP would wrap it, and checkpoints would carry it. ``Teacher`` is a plain
 object, so none of that happens; it is rebuilt from the config in ``configure_model``.
 
-Self-teacher protocol (``teacher="self"``)
-------------------------------------------
-The teacher pass runs the student's own model with
-
-- every peft adapter disabled (``PeftModel.disable_adapter()``), and
-- fake quantization off. The protocol a fake-quant layer follows is either of
-  (a) a bool attribute ``fake_quant_enabled``, or (b) a one-element bool tensor ``qat_enabled``
-  (what ``qft.qat.FakeQuantLinear``/``FakeQuantLoRALinear`` hold as a buffer). Both are set to
-  off for the pass and restored afterwards, module by module;
-- adapters that live inside a fake-quant layer (``qft.qat.FakeQuantLoRALinear``, QAT with
-  ``lora_merged=True``, which is no longer a peft tuner layer that ``disable_adapter`` reaches):
-  a module holding ``lora_A`` and a list ``active_adapters`` gets an empty list for the pass.
-
-and in eval mode (each module's own training flag is restored afterwards), under ``no_grad``.
-With a QAT student this is quantization-aware distillation from the fp model; with an NF4 QLoRA
-student the teacher is the NF4 base. No second copy of the weights exists.
+Self-teacher (``teacher="self"``)
+--------------------------------
+The teacher pass runs the student's own model with every LoRA adapter off and fake quantization off,
+through ``qft.layers.adapters_disabled`` and ``qft.layers.fake_quant_disabled`` (the layer protocol
+every qft layer kind answers: peft LoRA, QAT's merged-LoRA layers, fake-quant switches), in eval mode
+(each module's own training flag is restored afterwards), under ``no_grad``. With a QAT student this
+is quantization-aware distillation from the fp model; with an NF4 QLoRA student the teacher is the
+NF4 base. No second copy of the weights exists.
 """
 from __future__ import annotations
 
@@ -30,83 +22,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-FAKE_QUANT_FLAG = "fake_quant_enabled"
-QAT_BUFFER = "qat_enabled"
+from qft.layers import FAKE_QUANT_FLAG, QAT_BUFFER, adapter_holders, adapters_disabled, fake_quant_disabled, \
+    fake_quant_switches
+
 DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _flag(m: nn.Module):
-    """The fake-quant switch of ``m`` per the protocol above, or None."""
-    v = getattr(m, FAKE_QUANT_FLAG, None)
-    if isinstance(v, bool):
-        return v
-    v = getattr(m, QAT_BUFFER, None)
-    if torch.is_tensor(v) and v.dtype == torch.bool and v.numel() == 1:
-        return bool(v)
-    return None
-
-
-def _set_flag(m: nn.Module, on: bool) -> None:
-    if isinstance(getattr(m, FAKE_QUANT_FLAG, None), bool):
-        setattr(m, FAKE_QUANT_FLAG, on)
-    else:
-        getattr(m, QAT_BUFFER).fill_(on)
-
-
-def fake_quant_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules that follow the fake-quant protocol (see the module docstring)."""
-    return [m for m in model.modules() if _flag(m) is not None]
-
-
-def _tuner_layer_cls():
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return ()
-    return BaseTunerLayer
-
-
-def has_adapters(model: nn.Module) -> bool:
-    """A peft model that still holds peft tuner layers (QAT's merged-LoRA swap may have replaced all)."""
-    if not (hasattr(model, "disable_adapter") and getattr(model, "peft_config", None)):
-        return False
-    cls = _tuner_layer_cls()
-    return bool(cls) and any(isinstance(m, cls) for m in model.modules())
-
-
-def _inner_adapter_modules(model: nn.Module) -> list[nn.Module]:
-    """Non-peft modules that compute LoRA themselves (QAT's merged LoRA layers)."""
-    cls = _tuner_layer_cls()
-    return [m for m in model.modules() if hasattr(m, "lora_A") and isinstance(getattr(m, "active_adapters", None), list)
-            and not (cls and isinstance(m, cls))]
-
-
-@contextlib.contextmanager
-def fake_quant_disabled(model: nn.Module):
-    """Switch fake quantization off in ``model`` for the duration; restores each module's own flag."""
-    mods = fake_quant_modules(model)
-    saved = [_flag(m) for m in mods]
-    try:
-        for m in mods:
-            _set_flag(m, False)
-        yield len(mods)
-    finally:
-        for m, v in zip(mods, saved):
-            _set_flag(m, v)
-
-
-@contextlib.contextmanager
-def inner_adapters_disabled(model: nn.Module):
-    """Empty ``active_adapters`` of QAT's merged-LoRA layers for the duration (peft cannot reach them)."""
-    mods = _inner_adapter_modules(model)
-    saved = [m.active_adapters for m in mods]
-    try:
-        for m in mods:
-            m.active_adapters = []
-        yield len(mods)
-    finally:
-        for m, v in zip(mods, saved):
-            m.active_adapters = v
 
 
 @contextlib.contextmanager
@@ -124,8 +43,7 @@ def eval_mode(model: nn.Module):
 @contextlib.contextmanager
 def self_teacher_mode(model: nn.Module):
     """The student's model as its own fp teacher: adapters off, fake-quant off, eval, no grad."""
-    adapters = model.disable_adapter() if has_adapters(model) else contextlib.nullcontext()
-    with adapters, inner_adapters_disabled(model), fake_quant_disabled(model), eval_mode(model), torch.no_grad():
+    with adapters_disabled(model), fake_quant_disabled(model), eval_mode(model), torch.no_grad():
         yield
 
 
@@ -180,7 +98,7 @@ class Teacher:
     def _check_self(self, model: nn.Module) -> None:
         if self._checked_self:
             return
-        if not has_adapters(model) and not fake_quant_modules(model) and not _inner_adapter_modules(model):
+        if not adapter_holders(model) and not fake_quant_switches(model):
             raise ValueError("DistillConfig(teacher='self'): the student has neither peft adapters nor fake-quant "
                              f"layers (a bool `{FAKE_QUANT_FLAG}` or a `{QAT_BUFFER}` buffer), so its 'fp teacher' "
                              "would be the student itself and KD would teach nothing. Hint: use adapter='lora', add "

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from qft.quant import pack_gptq
+from qft.quant import QuantizedWeight, pack_gptq
 
 from .config import GPTQConfig
-from .gptq import QuantizedWeight
 
 
 def check_output_dir(output_dir, overwrite: bool = False) -> Path:

@@ -13,11 +13,11 @@ is bit-for-bit what gets packed and what QAT trains against.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from qft.quant.grid import dequantize, fp16_scale, quantize, scale_zero_from_range
+from qft.quant.qweight import QuantizedWeight
 
 from .config import GPTQConfig
 
@@ -57,30 +57,6 @@ class HessianAccumulator:
         if self.n_tokens == 0:
             raise RuntimeError("HessianAccumulator.hessian(): no calibration tokens reached this layer.")
         return self.H * (2.0 / self.n_tokens)
-
-
-@dataclass
-class QuantizedWeight:
-    """One solved layer: integer codes and the grid, in the original column order."""
-
-    codes: torch.Tensor  # int32 [out, in]
-    scale: torch.Tensor  # fp32 (fp16-representable) [out, n_groups]
-    zero: torch.Tensor  # fp32 integers [out, n_groups]
-    g_idx: torch.Tensor  # int32 [in]
-    bits: int
-    group_size: int  # -1 = per output row
-    damp_percent: float = 0.0
-    loss: float = 0.0  # GPTQ's sum of (w - q)^2 / [H^-1]_jj^2 / 2
-    rel_error: float = 0.0  # ||(W-Q) X||^2 / ||W X||^2 on the calibration inputs
-
-    def dequantize(self) -> torch.Tensor:
-        g = self.g_idx.long()
-        return self.scale[:, g] * (self.codes.float() - self.zero[:, g])
-
-    def rows(self, start: int, stop: int) -> "QuantizedWeight":
-        """The output rows ``[start, stop)``, to split a jointly solved q/k/v back into layers."""
-        return QuantizedWeight(self.codes[start:stop], self.scale[start:stop], self.zero[start:stop], self.g_idx,
-                               self.bits, self.group_size, self.damp_percent, self.loss, self.rel_error)
 
 
 def n_groups(in_features: int, group_size: int) -> int:

@@ -130,7 +130,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             for n, lin in lins.items():
                 t0 = time.perf_counter()
                 qw = rtn_solve(lin.weight.to(device), cfg)
-                commit(i, [n], lins, _to_cpu(qw), time.perf_counter() - t0, 0)
+                commit(i, [n], lins, qw.cpu(), time.perf_counter() - t0, 0)
         bar.close()
         return quantized, rows
 
@@ -171,7 +171,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                 W = torch.cat([lins[n].weight for n in g], 0)
                 H = accs[g[0]].hessian()
                 qw = gptq_solve(W, H, cfg, report_error=False)
-                commit(i, g, lins, _to_cpu(qw), time.perf_counter() - t1 + fwd_s / len(stage), accs[g[0]].n_tokens, H)
+                commit(i, g, lins, qw.cpu(), time.perf_counter() - t1 + fwd_s / len(stage), accs[g[0]].n_tokens, H)
             for c, (lin, n_out) in ending.items():  # now final: replay as quantized linear(saved input)
                 xs = kept[_group_head(stage, lin)]
                 if len(xs) == len(cache):
@@ -260,7 +260,3 @@ def _tail_matches(block, first, shortcut, tol: float = 2e-2) -> bool:
 def _stop(module, args):
     raise _StopForward
 
-
-def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
-    qw.codes, qw.scale, qw.zero, qw.g_idx = (t.cpu() for t in (qw.codes, qw.scale, qw.zero, qw.g_idx))
-    return qw

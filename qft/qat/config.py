@@ -68,8 +68,11 @@ class QATConfig:
     range_learning: bool = field(default=False, metadata={
         "help": "Make weight scales (and asymmetric zero points) trainable, LSQ-style."})
     lr_multiplier: float = field(default=1.0, metadata={"help": "Learning-rate multiplier of learned scales/zeros."})
-    lora_merged: bool = field(default=False, metadata={
-        "help": "For peft LoRA layers fake-quantize the merged W + scaling*B@A (what export writes)."})
+    lora_merged: Optional[bool] = field(default=None, metadata={
+        "help": "For peft LoRA layers (plain or NF4 base) fake-quantize the merged W + scaling*B@A, which is what "
+                "every export writes. None (default) = True. False fake-quantizes the base weight alone with the "
+                "adapter in full precision on top (torchtune's QAT+LoRA); such a model cannot be exported on its "
+                "learned grid, so GPTQExportCallback refuses it."})
     observer_momentum: float = field(default=0.01, metadata={
         "help": "Moving-average constant of the per_tensor activation observer (0 < m <= 1)."})
     allow_partial_groups: bool = field(default=False, metadata={
@@ -102,15 +105,22 @@ class QATConfig:
         self.targets = None if self.targets is None else _patterns(self.targets, "targets")
         if self.targets == ():
             raise ValueError("QATCallback(targets=[]): no module would be quantized; use None for every nn.Linear.")
-        for arg in ("range_learning", "lora_merged", "allow_partial_groups", "convert_on_fit_end"):
+        for arg in ("range_learning", "allow_partial_groups", "convert_on_fit_end"):
             if not isinstance(getattr(self, arg), bool):
                 raise TypeError(f"QATCallback({arg}={getattr(self, arg)!r}): expected True or False.")
+        if self.lora_merged is not None and not isinstance(self.lora_merged, bool):
+            raise TypeError(f"QATCallback(lora_merged={self.lora_merged!r}): expected None (= True), True or False.")
         lm = self.lr_multiplier
         if isinstance(lm, bool) or not isinstance(lm, (int, float)) or not lm > 0:
             raise ValueError(f"QATCallback(lr_multiplier={lm!r}): expected a positive number (1.0 = the model's lr).")
         m = self.observer_momentum
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1:
             raise ValueError(f"QATCallback(observer_momentum={m!r}): expected a number in (0, 1], e.g. 0.01.")
+
+    @property
+    def merges_lora(self) -> bool:
+        """Whether LoRA layers are fake-quantized merged (``lora_merged`` None or True)."""
+        return self.lora_merged is not False
 
     def is_target(self, name: str) -> bool:
         """Whether the module called ``name`` (peft's ``.base_layer`` suffix stripped) is quantized."""
@@ -129,8 +139,9 @@ class QATConfig:
 
         found = find_targets(model, self)
         if not found:
-            raise ValueError(f"QATCallback(targets={self.targets!r}, ignore={list(self.ignore)!r}) matched no "
-                             "nn.Linear in the model; check the patterns against model.named_modules().")
+            raise ValueError(f"QATCallback(targets={self.targets!r}, ignore={list(self.ignore)!r}) matched no linear "
+                             "layer (plain, NF4 or LoRA; see qft.layers) in the model; check the patterns against "
+                             "model.named_modules().")
         for name, (in_f, out_f) in found.items():
             if not self.allow_partial_groups:
                 try:

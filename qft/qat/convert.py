@@ -11,7 +11,6 @@ from torch import nn
 
 from qft.quant import GPTQLinear
 
-from .layer import FakeQuantLoRALinear
 from .observer import ActivationFakeQuant
 from .prepare import CONVERTED_FLAG, fake_quant_modules
 
@@ -33,11 +32,8 @@ class ActQuantGPTQLinear(nn.Module):
 
 @torch.no_grad()
 def convert_layer(layer) -> nn.Module:
-    w = layer.merged_weight() if isinstance(layer, FakeQuantLoRALinear) else layer.base_weight()
-    codes, scale, zero = layer.export_params(w)
-    bias = layer.base_layer.bias if isinstance(layer, FakeQuantLoRALinear) else layer.bias
-    g_idx = torch.arange(layer.in_features, device=codes.device, dtype=torch.int32) // layer.group
-    q = GPTQLinear.from_codes(codes, scale, zero, g_idx, layer.weight_scheme.bits, layer.group, bias=bias)
+    qw = layer.quantized_weight()
+    q = GPTQLinear.from_codes(qw.codes, qw.scale, qw.zero, qw.g_idx, qw.bits, layer.group, bias=layer.layer_bias())
     setattr(q, CONVERTED_FLAG, True)
     if layer.input_quant is None:
         return q

@@ -1,8 +1,10 @@
-"""Fake-quant layers that replace ``nn.Linear`` (and peft LoRA linears) during QAT.
+"""Fake-quant layers that replace linears (plain, NF4, and peft LoRA over either) during QAT.
 
 They take over the original ``weight``/``bias`` Parameter objects (so tied weights, optimizer
 references and ``requires_grad`` survive the swap) and keep the state-dict keys of what they
 replace, plus their QAT buffers. ``forward(x, *args, **kwargs)`` accepts whatever the caller passes.
+Both answer ``qft.layers``' protocol (``base_weight``, ``lora_views``, ``layer_bias``,
+``quantized_weight``), which is how merge, export and distillation read them.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qft.quant import QuantScheme
+from qft.layers import LoraView, _dequantized, _peft_lora_views
+from qft.quant import QuantizedWeight, QuantScheme
 from qft.quant.grid import weight_params
 
 from .fake_quant import grouped, lsq_fake_quant, ste_fake_quant
@@ -112,6 +115,14 @@ class _WeightFakeQuantMixin(nn.Module):
         codes = quantize(grouped(w, self.group), scale.unsqueeze(-1), zero.unsqueeze(-1), s.maxq).reshape(w.shape)
         return codes[:, : self.in_features].to(torch.int32), scale, zero
 
+    @torch.no_grad()
+    def quantized_weight(self) -> QuantizedWeight:
+        """The codes and grid this layer's fake-quant forward uses (what ``convert`` packs, what export writes)."""
+        codes, scale, zero = self.export_params(self.latent_weight())
+        g_idx = torch.arange(self.in_features, device=codes.device, dtype=torch.int32) // self.group
+        group = -1 if self.weight_scheme.granularity == "per_channel" else self.group
+        return QuantizedWeight(codes, scale, zero, g_idx, self.weight_scheme.bits, group)
+
     def _unused_qat_params(self) -> torch.Tensor:
         """0 * learned params: keeps them in the autograd graph while fake-quant is off (DDP needs every
         trainable parameter to receive a gradient each step)."""
@@ -124,7 +135,11 @@ class _WeightFakeQuantMixin(nn.Module):
 
 
 class FakeQuantLinear(_WeightFakeQuantMixin):
-    """``nn.Linear`` whose weight (and optionally input) is fake-quantized on the export grid."""
+    """A linear whose weight (and optionally input) is fake-quantized on the export grid.
+
+    The weight may be a plain (trainable or frozen) Parameter or a frozen bitsandbytes NF4 one, which
+    is dequantized for each forward; under a LoRA adapter (``lora_merged=False``) it is the base only.
+    """
 
     def __init__(self, linear: nn.Linear, weight: QuantScheme, activation: QuantScheme | None = None,
                  range_learning: bool = False, momentum: float = 0.01):
@@ -134,28 +149,37 @@ class FakeQuantLinear(_WeightFakeQuantMixin):
                        linear.weight.device, (weight.maxq + 1) // 2)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         if not bool(self.qat_enabled):
-            out = F.linear(x, self.weight, self.bias)
+            out = F.linear(x, self.base_weight().to(x.dtype), bias)
             return out + self._unused_qat_params().to(out.dtype) if self.range_learning and self.training else out
         if self.input_quant is not None:
             x = self.input_quant(x)
-        w = self.fake_quant_weight(self.weight).to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self.fake_quant_weight(self.base_weight()).to(x.dtype), bias)
 
     def base_weight(self) -> torch.Tensor:
-        return self.weight
+        """The weight as a tensor the forward can use (NF4 dequantized; a plain Parameter as is)."""
+        return _dequantized(self.weight) if hasattr(self.weight, "quant_state") else self.weight
+
+    latent_weight = base_weight
+
+    def layer_bias(self):
+        return self.bias
 
     def extra_repr(self) -> str:
         return self._extra()
 
 
 class FakeQuantLoRALinear(_WeightFakeQuantMixin):
-    """A peft LoRA ``Linear`` computed as ``x @ fq(W + sum_a scaling_a * B_a @ A_a).T + bias``.
+    """A peft LoRA layer computed as ``x @ fq(W + sum_a scaling_a * B_a @ A_a).T + bias``.
 
     It keeps peft's sub-modules (``base_layer``, ``lora_A``, ``lora_B``) under their names, so the
-    state-dict keys are peft's. The adapter learns against the grid ``convert`` will write the merged
-    weight on. LoRA dropout is not applied (a merged weight has no per-input dropout). The base weight
-    may be a plain or a bitsandbytes 4-bit Linear (dequantized each forward).
+    state-dict keys are peft's, and peft's ``r``/``lora_alpha``/``scaling`` dicts. The adapter learns
+    against the grid ``convert`` and export write the merged weight on. The base may be a plain or a
+    bitsandbytes 4-bit Linear (dequantized each forward). LoRA dropout is not applied while fake-quant
+    is on (a merged weight has no per-input dropout). While it is off (before ``start_step``) the layer
+    computes exactly what peft does, ``base_layer(x) + scaling * B(A(x))``, without forming the merged
+    weight, so a QAT run that switches on late costs plain-LoRA time until then.
     """
 
     def __init__(self, lora_layer, weight: QuantScheme, activation: QuantScheme | None = None,
@@ -165,35 +189,46 @@ class FakeQuantLoRALinear(_WeightFakeQuantMixin):
             raise ValueError("QATCallback(lora_merged=True) does not support DoRA adapters (use_dora=True): the "
                              "merged weight is rescaled per column; use lora_merged=False.")
         self.base_layer, self.lora_A, self.lora_B = lora_layer.base_layer, lora_layer.lora_A, lora_layer.lora_B
+        self.lora_dropout = lora_layer.lora_dropout
         self.scaling = dict(lora_layer.scaling)
+        self.r, self.lora_alpha = dict(lora_layer.r), dict(lora_layer.lora_alpha)
+        self.fan_in_fan_out = bool(getattr(lora_layer, "fan_in_fan_out", False))
         self.active_adapters = [a for a in lora_layer.active_adapters if a in self.lora_A]
         in_f, out_f = lora_layer.in_features, lora_layer.out_features
         dev = self.lora_A[self.active_adapters[0]].weight.device if self.active_adapters else None
         self._init_qat(in_f, out_f, weight, activation, range_learning, momentum, dev, (weight.maxq + 1) // 2)
 
     def base_weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        if hasattr(w, "quant_state"):  # bitsandbytes Params4bit
-            import bitsandbytes.functional as bnbf
+        return _dequantized(self.base_layer.weight)
 
-            return bnbf.dequantize_4bit(w.data, w.quant_state).float()
-        return w
+    def lora_views(self) -> list[LoraView]:
+        return _peft_lora_views(self)
 
-    def merged_weight(self) -> torch.Tensor:
+    def layer_bias(self):
+        return getattr(self.base_layer, "bias", None)
+
+    def latent_weight(self) -> torch.Tensor:
+        """``W + sum_a scaling_a * B_a @ A_a`` in fp32, differentiable in A and B."""
         w = self.base_weight().float()
         for a in self.active_adapters:
-            w = w + self.scaling[a] * (self.lora_B[a].weight.float() @ self.lora_A[a].weight.float())
+            d = self.lora_B[a].weight.float() @ self.lora_A[a].weight.float()
+            w = w + self.scaling[a] * (d.t() if self.fan_in_fan_out else d)
         return w
 
+    merged_weight = latent_weight
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        bias = getattr(self.base_layer, "bias", None)
+        bias = self.layer_bias()
         bias = None if bias is None else bias.to(x.dtype)
         if not bool(self.qat_enabled):
-            out = F.linear(x, self.merged_weight().to(x.dtype), bias)
+            out = self.base_layer(x, *args, **kwargs)
+            for a in self.active_adapters:
+                out = out + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](x.to(self.lora_A[a].weight.dtype)))
+                                           ).to(out.dtype) * self.scaling[a]
             return out + self._unused_qat_params().to(out.dtype) if self.range_learning and self.training else out
         if self.input_quant is not None:
             x = self.input_quant(x)
-        return F.linear(x, self.fake_quant_weight(self.merged_weight()).to(x.dtype), bias)
+        return F.linear(x, self.fake_quant_weight(self.latent_weight()).to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return self._extra() + f", adapters={self.active_adapters}"

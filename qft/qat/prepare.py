@@ -9,40 +9,31 @@ from __future__ import annotations
 
 from torch import nn
 
+from qft import layers
+
 from .config import QATConfig
 from .layer import FakeQuantLinear, FakeQuantLoRALinear, _WeightFakeQuantMixin
 
 CONVERTED_FLAG = "_qft_qat_converted"
 
 
-def _lora_linear_cls():
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except Exception:  # peft missing or broken: no LoRA layers to find
-        return None
-    return LoraLinear
-
-
-def _is_adapter(name: str) -> bool:
-    """LoRA's own A/B projections are never quantized (they are merged into the base weight)."""
-    return any(part.startswith(("lora_A", "lora_B")) for part in name.split("."))
-
-
 def find_targets(model: nn.Module, config: QATConfig) -> dict:
-    """``{name: (in_features, out_features)}`` of the layers ``prepare`` would swap (or has swapped)."""
-    lora_cls = _lora_linear_cls()
+    """``{name: (in_features, out_features)}`` of the layers ``prepare`` would swap (or has swapped).
+
+    Candidates are ``qft.layers.linear_layers`` (plain, NF4, LoRA over either, already fake-quant), so
+    an adapter's own ``lora_A``/``lora_B`` are never targets. A LoRA layer is one target (its merged
+    weight) unless ``lora_merged=False``, which targets its ``base_layer`` alone.
+    """
     found = {}
-    for name, m in model.named_modules():
-        if isinstance(m, _WeightFakeQuantMixin):
-            found[name] = (m.in_features, m.out_features)
-        elif config.lora_merged and lora_cls is not None and isinstance(m, lora_cls):
-            if config.is_target(name):
-                found[name] = (m.in_features, m.out_features)
-        elif type(m) is nn.Linear and config.is_target(name) and not _is_adapter(name):
-            parent = name.rsplit(".", 1)[0] if "." in name else ""
-            if config.lora_merged and lora_cls is not None and isinstance(model.get_submodule(parent), lora_cls):
-                continue  # handled with its LoRA parent
-            found[name] = (m.in_features, m.out_features)
+    for name, m in layers.linear_layers(model).items():
+        kind = layers.kind_of(m).name
+        if kind == "converted":
+            continue
+        target = name
+        if kind == "lora" and not config.merges_lora:
+            target, m = f"{name}.base_layer", m.base_layer
+        if isinstance(m, _WeightFakeQuantMixin) or config.is_target(target):
+            found[target] = (m.in_features, m.out_features)
     return found
 
 
@@ -61,7 +52,6 @@ def prepare(model: nn.Module, config: QATConfig) -> list:
             "weights and cannot be trained). Fit from the checkpoint saved before conversion, or a fresh model; "
             "to evaluate the converted model use trainer.validate/test without QATCallback.")
     names = config.check_model(model)
-    lora_cls = _lora_linear_cls()
     swapped = []
     for name in names:
         m = model.get_submodule(name)
@@ -73,13 +63,14 @@ def prepare(model: nn.Module, config: QATConfig) -> list:
             continue
         kw = dict(weight=config.weight, activation=config.activation, range_learning=config.range_learning,
                   momentum=config.observer_momentum)
-        if lora_cls is not None and isinstance(m, lora_cls):
+        kind = layers.kind_of(m)
+        if kind is not None and kind.name == "lora":
             new = FakeQuantLoRALinear(m, **kw)
-        elif type(m) is nn.Linear:
+        elif kind is not None and kind.name in ("linear", "nf4"):
             new = FakeQuantLinear(m, **kw)
         else:
-            raise TypeError(f"QAT: module {name!r} is a {type(m).__name__}; only nn.Linear (or a peft LoRA Linear "
-                            "with lora_merged=True) can be fake-quantized. Add it to `ignore`.")
+            raise TypeError(f"QAT: module {name!r} is a {type(m).__name__}, which QAT cannot fake-quantize (kinds: "
+                            "linear, nf4, lora). Add it to `ignore`.")
         for p in new.qat_params():
             p.qft_lr_scale = config.lr_multiplier  # read by CausalLMModule.configure_optimizers
         parent, _, child = name.rpartition(".")

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pack import pack_gptq, unpack_gptq
+from .pack import pack_gptq, unpack_gptq, unpack_rows
+from .qweight import QuantizedWeight
 
 
 class GPTQLinear(nn.Module):
@@ -45,6 +46,13 @@ class GPTQLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         self._w = None
         return super()._apply(fn, recurse)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The codes and grid this layer holds (inverse of ``from_codes``), for re-export without a solve."""
+        codes = unpack_rows(self.qweight, self.bits).t().contiguous()
+        zero = (unpack_rows(self.qzeros.t().contiguous(), self.bits).t() + 1).t().float().contiguous()
+        group = -1 if self.group_size >= self.in_features else self.group_size
+        return QuantizedWeight(codes, self.scales.float().t().contiguous(), zero, self.g_idx.clone(), self.bits, group)
 
     def dequantized_weight(self) -> torch.Tensor:
         return unpack_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)

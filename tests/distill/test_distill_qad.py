@@ -4,7 +4,7 @@ import pytorch_lightning as pl
 import torch
 
 from qft.distill import DistillationModule
-from qft.distill.teacher import fake_quant_modules
+from qft.layers import fake_quant_switches as fake_quant_modules
 
 qat = pytest.importorskip("qft.qat")
 from qft.quant import QuantScheme  # noqa: E402
