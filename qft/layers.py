@@ -215,7 +215,7 @@ class ConvertedKind(Kind):
 
         q = self._q(m)
         per_channel = q.group_size >= q.in_features
-        return QuantScheme(bits=q.bits, group_size=q.group_size if not per_channel else 128,
+        return QuantScheme(bits=q.bits, group_size=q.group_size if not per_channel else 128, symmetric=q.sym,
                            granularity="per_channel" if per_channel else "per_group")
 
 
@@ -320,6 +320,22 @@ def grids(model: nn.Module) -> dict[str, object]:
         if g is not None:
             out[name] = g
     return out
+
+
+def learned_scheme(model: nn.Module):
+    """The one ``QuantScheme`` the model's gridded layers were trained on (None if none is); several
+    different ones are an error, since one checkpoint has one ``quantization_config``."""
+    found = {}
+    for name, m in linear_layers(unwrap(model)).items():
+        s = scheme(m)
+        if s is not None:
+            key = (s.bits, s.group_size if s.granularity == "per_group" else -1, s.symmetric)
+            found.setdefault(key, (name, s))
+    if len(found) > 1:
+        shown = [f"{n}: {s}" for n, s in found.values()]
+        raise ValueError(f"the model's layers were trained on {len(found)} different grids ({shown}); one checkpoint "
+                         "holds one grid. Train them with one QATCallback.")
+    return next(iter(found.values()))[1] if found else None
 
 
 def grid_under_adapter(model: nn.Module) -> list[str]:

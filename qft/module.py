@@ -6,14 +6,20 @@ Lifecycle
 - ``configure_model`` (called by Lightning after ``setup``, before DDP/FSDP wrapping; also by
   ``load_from_checkpoint``): loads the base model, runs queued ``"base"`` hooks (PRILoRA plans ranks
   here), swaps base linears to NF4, attaches peft LoRA, enables gradient checkpointing, then runs
-  ``"final"`` hooks (QAT swaps layers here). See ``qft.hooks``.
+  ``"final"`` hooks (QAT swaps layers here), then ``"observe"`` hooks (PRILoRA's statistics, the
+  export's checks). See ``qft.hooks``.
 - ``training_step``/``validation_step``: ``step_loss`` (override point, e.g. distillation) under bf16
   autocast where the hardware supports it; logs loss, perplexity, tokens/s and the learning rate.
 - ``on_save_checkpoint``: drops frozen base weights (and their NF4 state) so checkpoints hold only
-  what training changes: adapters, trainable weights, and qft buffers (observers, masks).
+  what training changes: adapters, trainable weights, and qft buffers (observers, masks); records
+  the planned adapter ranks and every structural change (``qft.hooks.record_change``).
+- ``on_load_checkpoint``: restores the ranks, builds the model, replays the recorded changes, so a
+  checkpoint loads into a fresh module (``load_from_checkpoint``, ``qft export --ckpt``) without
+  the callbacks that shaped it.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -60,8 +66,15 @@ def causal_lm_loss(model, batch: dict) -> torch.Tensor:
                                              ignore_index=IGNORE)
 
 
-def save_adapter(peft_model, root, name: str = "adapter") -> "Path":
-    """Write peft adapters into ``root/name`` (or ``name-1``, ``name-2``... if taken) via a temp dir + rename."""
+QFT_ADAPTER_META = "qft_adapter.json"
+
+
+def save_adapter(peft_model, root, name: str = "adapter", meta: dict | None = None) -> "Path":
+    """Write peft adapters into ``root/name`` (or ``name-1``, ``name-2``... if taken) via a temp dir + rename.
+
+    ``meta`` (what the adapters were trained on: base model, NF4 or not) goes beside them in
+    ``qft_adapter.json``, so ``qft export --adapter`` can merge into the base they were trained on.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     target, i = root / name, 0
@@ -71,6 +84,8 @@ def save_adapter(peft_model, root, name: str = "adapter") -> "Path":
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
         peft_model.save_pretrained(tmp)
+        if meta:
+            (tmp / QFT_ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)
         os.rename(tmp, target)
     finally:
@@ -133,6 +148,7 @@ class CausalLMModule(pl.LightningModule):
         self.tokenizer = None
         self.model_ready = False
         self.qft_model_hooks = {p: [] for p in hooks.PHASES}
+        self.qft_changes: list = []  # structural changes, replayed from checkpoints (qft.hooks)
         self.rank_pattern: dict[str, int] = {}
         self.alpha_pattern: dict[str, float] = {}
         self.strict_loading = False  # checkpoints omit frozen base weights
@@ -167,6 +183,7 @@ class CausalLMModule(pl.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model_ready = True
         hooks.run_hooks(self, "final")
+        hooks.run_hooks(self, "observe")
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -242,7 +259,8 @@ class CausalLMModule(pl.LightningModule):
             return
         root = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero:
-            self.adapter_dir = str(save_adapter(self.model, root))
+            meta = {"model": self.hparams.model, "quantization": self.hparams.quantization}
+            self.adapter_dir = str(save_adapter(self.model, root, meta=meta))
         self.adapter_dir = self.trainer.strategy.broadcast(self.adapter_dir)
 
     # ------------------------------------------------------------ checkpoints
@@ -260,7 +278,9 @@ class CausalLMModule(pl.LightningModule):
             sd.pop(k, None)
         cls = type(self)
         checkpoint["qft"] = {"frozen_keys_dropped": len(drop), "model": self.hparams.model,
-                             "class_path": f"{cls.__module__}.{cls.__qualname__}"}
+                             "class_path": f"{cls.__module__}.{cls.__qualname__}",
+                             "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
+                             "changes": [list(c) for c in self.qft_changes]}
 
     @staticmethod
     def load_any(path: str, **kwargs) -> "CausalLMModule":
@@ -276,13 +296,13 @@ class CausalLMModule(pl.LightningModule):
         return cls.load_from_checkpoint(path, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("qft", {})
+        if not self.model_ready:  # a fresh module: the adapters get the ranks they were trained with
+            self.rank_pattern = {**saved.get("rank_pattern", {}), **self.rank_pattern}
+            self.alpha_pattern = {**saved.get("alpha_pattern", {}), **self.alpha_pattern}
         self.configure_model()
-        if any(str(k).startswith("QATCallback") for k in checkpoint.get("callbacks", {})):
-            # A QAT checkpoint loaded without its callback (load_from_checkpoint): swap the layers
-            # first so the fake-quant scales and observer state have somewhere to go.
-            from .qat import prepare_from_checkpoint
-
-            prepare_from_checkpoint(self, checkpoint)
+        # Layers swapped by callbacks (QAT) are swapped again first, so their state has somewhere to go.
+        hooks.replay_changes(self, saved.get("changes"))
         expected = set(self.state_dict()) - self.frozen_state_keys()
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:

@@ -12,15 +12,21 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from qft import layers
+
 from .config import GPTQConfig
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ``nn.ModuleList`` of repeated blocks holding linear layers (``model.model.layers`` for Llama)."""
+    """The ``nn.ModuleList`` of repeated blocks holding linear layers (``model.model.layers`` for Llama).
+
+    Linear layers of any kind count (``qft.layers``: plain, NF4, LoRA, fake-quant, converted), so a
+    trained model is recognised before it is merged.
+    """
     best = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1 \
-                and any(isinstance(x, nn.Linear) for x in mod[0].modules()):
+                and layers.linear_layers(mod[0]):
             if best is None or len(mod) > len(best[1]):
                 best = (name, mod)
     if best is None:
@@ -29,17 +35,25 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers of one block (``qft.layers.linear_layers``), in execution-independent module order."""
+    return layers.linear_layers(block)
 
 
 def check_model(model: nn.Module, cfg: GPTQConfig) -> list[str]:
-    """Validate every quantizable layer before any work; return warnings about short last groups."""
+    """Validate every quantizable layer before any work; return warnings about short last groups.
+
+    The solver overwrites plain weights, so every layer must be a plain ``nn.Linear`` by now: a trained
+    model is first folded into one by ``qft.export.merge.merge_adapters``.
+    """
     prefix, blocks = find_decoder_blocks(model)
     odd, bad = [], []
     for i, block in enumerate(blocks):
         for n, lin in block_linears(block).items():
             full = f"{prefix}.{i}.{n}"
+            if layers.kind_of(lin).name != "linear":
+                raise TypeError(f"GPTQ: layer {full} is a {type(lin).__name__}; quantize the plain model that "
+                                "qft.export.merge.merge_adapters builds from a trained one.")
             if lin.in_features % 32 or lin.out_features % 32:
                 bad.append(f"{full} ({lin.out_features}x{lin.in_features})")
             if cfg.group_size != -1 and lin.in_features % cfg.group_size:

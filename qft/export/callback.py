@@ -11,11 +11,10 @@ from qft import hooks
 from .calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, calibration_tokens, model_max_length
 from .checkpoint import check_output_dir
 from .config import GPTQConfig
-from .merge import MERGE_INTO
-from .pipeline import DTYPES, check_backend, export
-from .blocks import find_decoder_blocks
+from .merge import DEFAULT_MERGE_INTO, check_merge_into
+from .pipeline import DTYPES, check_backend, check_qat_grid, check_trained, export, export_config, needs_calibration
 
-_D = GPTQConfig()  # the callback's defaults are the config's
+_D = GPTQConfig()  # the solver knobs' defaults are the config's
 
 
 class GPTQExportCallback(pl.Callback):
@@ -23,43 +22,57 @@ class GPTQExportCallback(pl.Callback):
 
     Args:
         output_dir: where the checkpoint goes (must not exist unless ``overwrite``).
-        bits, group_size, sym, desc_act, static_groups, act_group_aware, true_sequential, damp_percent,
-            hessian_dtype, mse, method: the quantization, see :class:`qft.export.GPTQConfig` (defaults are
-            its defaults; ``method="rtn"`` for round-to-nearest).
+        bits, group_size, sym: the grid. None (default) follows the grid a ``QATCallback`` in the same
+            run trains, or :class:`qft.export.GPTQConfig`'s defaults (4, 128, True) without QAT. Values
+            that contradict the trained grid are refused at set-up (unless ``qat_grid="resolve"``).
+        desc_act, static_groups, act_group_aware, true_sequential, damp_percent, hessian_dtype, mse, method:
+            the solver, see :class:`qft.export.GPTQConfig` (defaults are its defaults; ``method="rtn"`` for
+            round-to-nearest).
+        qat_grid: for layers QAT trained: ``"keep"`` writes the learned grid as is (bit-exact to the
+            fake-quant model, no solve), ``"refine"`` keeps its scales and GPTQ re-solves the codes,
+            ``"resolve"`` solves a new grid from the merged weights.
         calibration: a text file, a list of strings, a token tensor, or a DataModule; ``None`` uses the
             trainer's DataModule.
         n_samples, seq_len: calibration windows (``seq_len`` capped at the model's context).
-        merge_into: ``"original"`` (reload the full-precision base) or ``"dequantized_nf4"``.
+        merge_into: the base of frozen layers: ``"trained"`` (the one the adapters trained on, e.g. the
+            dequantized NF4 base) or ``"original"`` (reload the released fp weights); see
+            ``qft.export.merge``.
         backend: ``"qft"`` (pure torch) or ``"gptqmodel"`` (needs the ``interop`` extra).
         device: where blocks are quantized (default: the module's device); dtype: forward dtype.
         overwrite: replace an existing ``output_dir``.
 
     Lifecycle
     ---------
-    - ``__init__``: validates every argument (bits, group size, backend availability, output dir).
-    - ``setup`` (stage ``fit``): registers a ``"final"`` model hook (``qft.hooks.when_model_ready``) that,
-      once the model exists and before any training step, checks it has decoder blocks and builds the
-      calibration tokens, so missing data or too few tokens fail before training, on every rank.
-    - ``on_fit_end``: rank zero merges the adapters (PRILoRA masks from a ``PRILoRACallback`` in the
-      trainer are applied), measures drift, quantizes block by block and writes the checkpoint; the other
-      ranks wait on a barrier. ``summary`` and ``checkpoint_path`` hold the result.
+    - ``__init__``: validates every argument (grid, solver, backend availability, output dir).
+    - ``setup`` (stage ``fit``): registers an ``"observe"`` model hook (``qft.hooks.when_model_ready``)
+      that, once every callback has changed the model and before any training step, on every rank:
+      finds the decoder blocks, derives the grid (``export_config``: QAT's, if the model has one),
+      refuses combinations that cannot be exported as asked (``check_trained``: a QAT grid under an
+      unmerged LoRA adapter, a contradicting grid, a backend that cannot keep a learned grid), and
+      builds the calibration tokens (missing data or too few tokens fail here).
+    - ``on_fit_end``: rank zero merges (``qft.export.merge``), keeps or solves each layer's grid and
+      writes the checkpoint; the other ranks wait on a barrier. ``summary`` and ``checkpoint_path``
+      hold the result.
     - ``state_dict``/``load_state_dict``: whether the export ran and where, so a resumed run knows.
     """
 
-    def __init__(self, output_dir, bits: int = _D.bits, group_size: int = _D.group_size, sym: bool = _D.sym,
+    def __init__(self, output_dir, bits: int | None = None, group_size: int | None = None, sym: bool | None = None,
                  desc_act: bool = _D.desc_act, static_groups: bool = _D.static_groups,
                  act_group_aware: bool | None = None, true_sequential: bool = _D.true_sequential,
                  damp_percent: float = _D.damp_percent, hessian_dtype: str = _D.hessian_dtype, mse: bool = _D.mse,
-                 method: str = _D.method, calibration=None, n_samples: int = DEFAULT_N_SAMPLES,
-                 seq_len: int = DEFAULT_SEQ_LEN, merge_into: str = "original", backend: str = "qft", device=None,
-                 dtype: str = "auto", overwrite: bool = False, measure_drift: bool = True, progress: bool = True):
+                 method: str = _D.method, qat_grid: str = "keep", calibration=None,
+                 n_samples: int = DEFAULT_N_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
+                 merge_into: str = DEFAULT_MERGE_INTO, backend: str = "qft", device=None, dtype: str = "auto",
+                 overwrite: bool = False, measure_drift: bool = True, progress: bool = True):
         super().__init__()
-        self.config = GPTQConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
-                                 static_groups=static_groups, act_group_aware=act_group_aware,
-                                 true_sequential=true_sequential, damp_percent=damp_percent,
-                                 hessian_dtype=hessian_dtype, mse=mse, method=method)
-        if merge_into not in MERGE_INTO:
-            raise ValueError(f"GPTQExportCallback(merge_into={merge_into!r}) is unknown; allowed: {list(MERGE_INTO)}.")
+        self.grid = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym).items() if v is not None}
+        self.solver = dict(desc_act=desc_act, static_groups=static_groups, act_group_aware=act_group_aware,
+                           true_sequential=true_sequential, damp_percent=damp_percent, hessian_dtype=hessian_dtype,
+                           mse=mse, method=method)
+        self.config = GPTQConfig(**self.grid, **self.solver)  # validates now; set-up may adopt QAT's grid
+        check_qat_grid(qat_grid)
+        self.qat_grid = qat_grid
+        self.merge_into = check_merge_into(merge_into, "GPTQExportCallback")
         if dtype not in DTYPES:
             raise ValueError(f"GPTQExportCallback(dtype={dtype!r}) is unknown; allowed: {list(DTYPES)}.")
         check_backend(backend)
@@ -70,7 +83,7 @@ class GPTQExportCallback(pl.Callback):
         self.overwrite = overwrite
         check_output_dir(self.output_dir, overwrite)
         self.calibration, self.n_samples, self.seq_len = calibration, n_samples, seq_len
-        self.merge_into, self.backend, self.device, self.dtype = merge_into, backend, device, dtype
+        self.backend, self.device, self.dtype = backend, device, dtype
         self.measure_drift, self.progress = measure_drift, progress
         self.tokens: torch.Tensor | None = None
         self.summary: dict | None = None
@@ -81,14 +94,20 @@ class GPTQExportCallback(pl.Callback):
         if stage != "fit":
             return
         self._trainer = trainer
-        hooks.when_model_ready(pl_module, self._prepare, phase="final")
+        hooks.when_model_ready(pl_module, self._prepare, phase="observe")
+
+    def _check(self, model) -> None:
+        self.config = export_config(model, self.qat_grid, **self.grid, **self.solver)
+        check_trained(model, self.config, self.qat_grid, self.backend)
 
     def _prepare(self, pl_module):
         model = pl_module.model if hasattr(pl_module, "model") else pl_module
-        find_decoder_blocks(model)
+        self._check(model)
         source = self.calibration
         if source is None:
             source = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        if source is None and not needs_calibration(model, self.config, self.qat_grid):
+            return  # the learned grid is written as is; nothing to calibrate (no drift measured either)
         tokenizer = getattr(pl_module, "tokenizer", None)
         self.tokens = calibration_tokens(source, tokenizer, self.n_samples, self.seq_len,
                                          max_length=model_max_length(model))
@@ -98,20 +117,19 @@ class GPTQExportCallback(pl.Callback):
         if trainer.is_global_zero:
             if self.tokens is None:
                 self._prepare(pl_module)
-            masks = None
-            for cb in trainer.callbacks:
-                if type(cb).__name__ == "PRILoRACallback" and getattr(cb, "masks", None):
-                    masks = cb.masks
+            self._check(pl_module.model)  # a callback may have changed the model since set-up (convert)
             base_name = getattr(pl_module, "hparams", {}).get("model", getattr(pl_module, "model_name", None))
             device = self.device or (pl_module.device if pl_module.device.type != "cpu" else "cpu")
             self.summary = export(pl_module.model, getattr(pl_module, "tokenizer", None), self.tokens, self.output_dir,
-                                  self.config, base_name=base_name, merge_into=self.merge_into, masks=masks,
-                                  backend=self.backend, device=device, dtype=self.dtype, overwrite=self.overwrite,
-                                  measure_drift=self.measure_drift, progress=self.progress)
+                                  self.config, base_name=base_name, merge_into=self.merge_into, backend=self.backend,
+                                  device=device, dtype=self.dtype, overwrite=self.overwrite,
+                                  measure_drift=self.measure_drift, progress=self.progress, qat_grid=self.qat_grid)
             self.checkpoint_path = self.summary["output_dir"]
-            for k in ("kl", "max_logit_diff"):
-                if "drift" in self.summary and trainer.logger is not None:
-                    trainer.logger.log_metrics({f"export/drift_{k}": self.summary["drift"][k]})
+            if trainer.logger is not None:
+                for key in ("drift", "export_drift"):
+                    for k, v in (self.summary.get(key) or {}).items():
+                        if k in ("kl", "max_logit_diff"):
+                            trainer.logger.log_metrics({f"export/{key}_{k}": v})
         trainer.strategy.barrier("qft-gptq-export")
 
     # ------------------------------------------------------------------ resume

@@ -3,25 +3,26 @@
     qft export --ckpt runs/last.ckpt --output out/int4 --bits 4 --group-size 64 --calibration data.txt
     qft export --adapter runs/adapter --model smollm2-135m --output out/int4 --calibration data.txt
 
-``--ckpt`` is a qft Lightning checkpoint (adapters + qft state; the base is rebuilt from its hyper-
-parameters, PRILoRA ranks and masks from the PRILoRA callback state). ``--adapter`` is a peft adapter
-directory (``adapter_config.json`` + weights). Either way the merge/GPTQ/write path is
+``--ckpt`` is a qft Lightning checkpoint: the module is rebuilt by the class that saved it, with the
+adapter ranks and layer swaps (QAT) the checkpoint records (``CausalLMModule.on_load_checkpoint``), so
+a QAT-trained model is exported on the grid it learned. ``--adapter`` is a peft adapter directory
+(``adapter_config.json`` + weights). Either way the merge/GPTQ/write path is
 ``qft.export.pipeline.export``, the same one ``GPTQExportCallback`` runs.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 
 import torch
 
-from .calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, calibration_tokens, model_max_length
+from .calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, CalibrationError, calibration_tokens, model_max_length
 from .checkpoint import check_output_dir
 from .config import HESSIAN_DTYPES, SUPPORTED_BITS, GPTQConfig
-from .merge import MERGE_INTO
-from .pipeline import BACKENDS, DTYPES, check_backend, export
+from .merge import DEFAULT_MERGE_INTO, MERGE_INTO, check_merge_into
+from .pipeline import BACKENDS, DTYPES, QAT_GRIDS, check_backend, check_qat_grid, export, export_config, \
+    needs_calibration
 
 _D = GPTQConfig()
 
@@ -32,12 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src.add_argument("--adapter", help="peft adapter directory (adapter_config.json)")
     parser.add_argument("--model", help="base model (built-in name or path); default: from the checkpoint/adapter")
     parser.add_argument("--output", required=True, help="checkpoint directory to write (must not exist)")
-    parser.add_argument("--calibration", required=True, help="calibration text file")
+    parser.add_argument("--calibration", help="calibration text file (not needed when QAT's grid is kept for "
+                                              "every layer)")
     parser.add_argument("--n-samples", type=int, default=DEFAULT_N_SAMPLES)
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
-    parser.add_argument("--bits", type=int, default=_D.bits, choices=SUPPORTED_BITS)
-    parser.add_argument("--group-size", type=int, default=_D.group_size, help="-1 = one scale per output row")
-    parser.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
+    parser.add_argument("--bits", type=int, default=None, choices=SUPPORTED_BITS,
+                        help=f"default: the grid QAT trained, else {_D.bits}")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help=f"-1 = one scale per output row; default: the grid QAT trained, else {_D.group_size}")
+    parser.add_argument("--asym", action="store_true", default=None,
+                        help="asymmetric grid (default: the grid QAT trained, else symmetric)")
+    parser.add_argument("--qat-grid", default="keep", choices=QAT_GRIDS,
+                        help="for layers QAT trained: keep the learned grid (bit-exact), refine its codes with "
+                             "GPTQ, or resolve a new grid")
     parser.add_argument("--desc-act", action="store_true", help="act-order (static groups)")
     parser.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=None,
                         help="group-aware reordering (g_idx stays natural); default: on unless --desc-act")
@@ -46,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--hessian-dtype", default=_D.hessian_dtype, choices=HESSIAN_DTYPES)
     parser.add_argument("--mse", action="store_true", help="grid-search the clipping range")
     parser.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
-    parser.add_argument("--merge-into", default="original", choices=MERGE_INTO)
+    parser.add_argument("--merge-into", default=DEFAULT_MERGE_INTO, choices=MERGE_INTO,
+                        help="base of frozen layers: the one the adapters trained on, or the original fp weights")
     parser.add_argument("--backend", default="qft", choices=BACKENDS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=list(DTYPES))
@@ -56,36 +65,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _from_ckpt(path: str, model_name: str | None, merge_into: str):
-    """Rebuild the trained module from a qft checkpoint: ``(model, tokenizer, base name, PRILoRA masks)``."""
+    """Rebuild the trained module from a qft checkpoint: ``(model, tokenizer, base name, masks)``."""
     from qft.module import CausalLMModule
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    hp = dict(ckpt.get("hyper_parameters", {}))
-    if model_name:
-        hp["model"] = model_name
-    allowed = set(inspect.signature(CausalLMModule.__init__).parameters) - {"self"}
-    module = CausalLMModule(**{k: v for k, v in hp.items() if k in allowed})
-    masks = None
-    for state in (ckpt.get("callbacks") or {}).values():
-        plan = state.get("plan") if isinstance(state, dict) else None
-        if plan and "ranks" in plan:  # PRILoRA: per-layer ranks must exist before the adapter weights load
-            from qft.prilora.math import layer_key
-
-            keys = [layer_key(plan["layers_prefix"], i) for i in range(len(plan["ranks"]))]
-            module.rank_pattern = dict(zip(keys, plan["ranks"]))
-            module.alpha_pattern = dict(zip(keys, plan["alphas"]))
-            masks = {k.removeprefix("model."): v for k, v in (state.get("masks") or {}).items()} or None
-    module.configure_model()
-    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
-    if unexpected:
-        raise RuntimeError(f"--ckpt {path}: {len(unexpected)} tensors do not fit the rebuilt model, e.g. {unexpected[:3]}")
-    return module.model, module.tokenizer, hp.get("model"), masks
+    module = CausalLMModule.load_any(path, **({"model": model_name} if model_name else {}))
+    return module.model, module.tokenizer, module.hparams.model, None
 
 
 def _from_adapter(path: str, model_name: str | None, merge_into: str):
     from peft import PeftModel
 
     from qft.models import load_model, load_tokenizer
+    from qft.module import QFT_ADAPTER_META
 
     cfg_file = Path(path) / "adapter_config.json"
     if not cfg_file.is_file():
@@ -94,30 +85,42 @@ def _from_adapter(path: str, model_name: str | None, merge_into: str):
     if not model_name:
         raise ValueError("--adapter: the adapter does not name its base model; pass --model.")
     base = load_model(model_name, dtype=torch.float32)
-    if merge_into == "dequantized_nf4":
-        from qft.qlora import quantize_nf4
+    meta_file = Path(path) / QFT_ADAPTER_META  # written by qft beside the adapters it saves
+    quantization = json.loads(meta_file.read_text()).get("quantization", "none") if meta_file.is_file() else "none"
+    if check_merge_into(merge_into) == "trained" and quantization != "none":
+        from qft.qlora import quantize_nf4  # adapters trained on an NF4 base merge into that base
 
-        quantize_nf4(base)
+        quantize_nf4(base, double_quant=quantization == "nf4-dq")
     return PeftModel.from_pretrained(base, path).eval(), load_tokenizer(model_name), model_name, None
 
 
 def run(args) -> dict:
     """Validate everything, then merge, quantize and write; prints and returns the summary."""
-    cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=args.desc_act,
-                     act_group_aware=args.act_group_aware,
-                     true_sequential=not args.no_true_sequential, damp_percent=args.damp_percent,
-                     hessian_dtype=args.hessian_dtype, mse=args.mse, method=args.method)
+    solver = dict(desc_act=args.desc_act, act_group_aware=args.act_group_aware,
+                  true_sequential=not args.no_true_sequential, damp_percent=args.damp_percent,
+                  hessian_dtype=args.hessian_dtype, mse=args.mse, method=args.method)
+    grid = dict(bits=args.bits, group_size=args.group_size, sym=None if args.asym is None else not args.asym)
+    GPTQConfig(**{k: v for k, v in grid.items() if v is not None}, **solver)  # fail on bad values before loading
+    check_qat_grid(args.qat_grid)
+    check_merge_into(args.merge_into, "qft export")
     check_backend(args.backend)
     check_output_dir(args.output, args.overwrite)
-    if not Path(args.calibration).is_file():
+    if args.calibration is not None and not Path(args.calibration).is_file():
         raise FileNotFoundError(f"--calibration {args.calibration}: no such file (a text file is expected).")
     load = _from_ckpt if args.ckpt else _from_adapter
     model, tok, base_name, masks = load(args.ckpt or args.adapter, args.model, args.merge_into)
-    tokens = calibration_tokens(args.calibration, tok, args.n_samples, args.seq_len, max_length=model_max_length(model))
+    cfg = export_config(model, args.qat_grid, **grid, **solver)
+    tokens = None
+    if args.calibration is not None:
+        tokens = calibration_tokens(args.calibration, tok, args.n_samples, args.seq_len,
+                                    max_length=model_max_length(model))
+    elif needs_calibration(model, cfg, args.qat_grid):
+        raise CalibrationError("qft export: --calibration is required (GPTQ solves layers QAT did not train).")
     summary = export(model, tok, tokens, args.output, cfg, base_name=base_name, merge_into=args.merge_into,
                      masks=masks, backend=args.backend, device=args.device, dtype=args.dtype,
-                     overwrite=args.overwrite, measure_drift=not args.no_drift)
-    print(json.dumps({k: summary[k] for k in ("output_dir", "drift", "quantize_s", "seconds") if k in summary}, indent=2))
+                     overwrite=args.overwrite, measure_drift=not args.no_drift, qat_grid=args.qat_grid)
+    print(json.dumps({k: summary[k] for k in ("output_dir", "drift", "export_drift", "quantize_s", "seconds")
+                      if k in summary}, indent=2))
     return summary
 
 

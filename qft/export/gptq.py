@@ -158,8 +158,12 @@ def column_order(diag: torch.Tensor, natural_group: torch.Tensor, cfg: GPTQConfi
 
 
 @torch.no_grad()
-def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: bool = True) -> QuantizedWeight:
+def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: bool = True,
+               grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
     """Quantize ``W [out, in]`` against Hessian ``H [in, in]`` (both left untouched).
+
+    ``grid`` (``scale, zero``, each ``[out, n_groups]`` in natural group order) fixes the grid instead of
+    fitting it: only the codes are solved. That is the GPTQ refinement of a grid QAT learned.
 
     The solve runs on ``W``'s transpose, so the column being quantized and the trailing columns it
     updates are contiguous rows; per column that is one fused rank-1 update of the rest of the block
@@ -180,8 +184,13 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: 
     Wt[dead] = 0
 
     natural_group = torch.arange(in_f, device=W.device) // gs
-    static = cfg.group_size == -1 or (cfg.desc_act and cfg.static_groups)
-    if static:  # grid fixed up front from the natural-order weights, as [G, out]
+    static = grid is not None or cfg.group_size == -1 or (cfg.desc_act and cfg.static_groups)
+    if grid is not None:  # given (learned) grid, as [G, out]
+        if grid[0].shape != (out_f, n_groups(in_f, gs)):
+            raise ValueError(f"gptq_solve(grid=...): scales of shape {tuple(grid[0].shape)} do not fit a weight "
+                             f"{out_f}x{in_f} with group size {gs}.")
+        scale_g, zero_g = (t.to(W.device, torch.float32).t().contiguous() for t in grid)
+    elif static:  # grid fixed up front from the natural-order weights, as [G, out]
         scale_g, zero_g = (t.t().contiguous() for t in _params_for_groups(Wt.t(), cfg))
     else:
         scale_g = torch.zeros(n_groups(in_f, gs), out_f, device=W.device)

@@ -58,7 +58,8 @@ def load_quantized(path, device="cpu", dtype: torch.dtype | None = None):
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and f"{name}.qweight" in sd:
             gs = mod.in_features if group_size == -1 else group_size
-            q = GPTQLinear(mod.in_features, mod.out_features, bits, gs, bias=mod.bias is not None, dtype=dtype)
+            q = GPTQLinear(mod.in_features, mod.out_features, bits, gs, bias=mod.bias is not None, dtype=dtype,
+                           sym=bool(qc.get("sym", True)))
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -1,16 +1,21 @@
-"""Merge trained LoRA adapters into a full-precision base, and measure what the merge changed.
+"""Fold a fine-tuned model into a plain full-precision Hugging Face model, and measure what that changed.
 
-Why reload the base: after QLoRA the model in memory holds NF4 weights, and merging into their
-dequantized values bakes NF4's rounding into the weights that GPTQ then rounds again. The default
-(Hugging Face's recipe, and the issue's) is therefore to reload the ORIGINAL full-precision weights
-(``qft.models.load_model``) and add each adapter's delta ``scaling * B @ A`` to them;
-``merge_into="dequantized_nf4"`` instead reproduces the trained model exactly (up to fp rounding) by
-merging into the dequantized NF4 weights. Which is better depends on how much the adapter learned to
-correct the NF4 error: on the demo's task the original-weight merge loses 12 points of accuracy in fp32
-and the NF4 merge none (int4 exports: 82% vs 92%; BENCHMARKS.md, benchmarks/merge_into.py).
+Every linear layer is read through ``qft.layers`` (plain, NF4, LoRA over either, fake-quant,
+converted), so one function serves QLoRA, LoRA, full fine-tunes and QAT-trained models alike: each
+layer's weight is its base plus its adapters' ``scaling * B @ A``. Only the base of a frozen layer is
+a choice (``merge_into``):
 
-PRILoRA masks (``{lora module name: mask shaped like A}``, from ``PRILoRACallback.masks`` or its
-checkpoint state) are applied to ``A`` before the product, so a pruned entry never leaks into the merge.
+- ``"trained"``: the base the adapters were trained on, i.e. the dequantized NF4 weights of a QLoRA
+  model; the merged model computes what the trained one did (up to fp rounding);
+- ``"original"``: the released full-precision weights, reloaded (Hugging Face's recipe after QLoRA).
+  The adapter learned to correct the NF4 rounding, which those weights do not have, so this merge
+  drifts: on the demo's task it alone costs 12 points of accuracy (BENCHMARKS.md, merge target).
+
+``"dequantized_nf4"`` is accepted as the older name of ``"trained"``. Trained (not frozen) weights,
+of a full fine-tune or ``modules_to_save``, are always taken as trained.
+
+PRILoRA masks (``{lora module name: mask shaped like A}``) are optional: the callback zeroes the
+pruned entries of ``A`` in place after every optimizer step, so a trained ``A`` already carries them.
 
 Everything here runs on the CPU, layer by layer: the full-precision model is never put on an accelerator.
 """
@@ -19,97 +24,106 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MERGE_INTO = ("original", "dequantized_nf4")
+from qft import layers
+
+MERGE_INTO = ("trained", "original", "dequantized_nf4")
+DEFAULT_MERGE_INTO = "trained"
 
 
-def _lora_layers(model: nn.Module, adapter: str):
-    from peft.tuners.lora import LoraLayer
+def check_merge_into(value: str, where: str = "") -> str:
+    """Validate ``merge_into`` (``where`` names the caller in the error) and resolve its alias."""
+    if value not in MERGE_INTO:
+        arg = f"{where}(merge_into={value!r})" if where else f"merge_into={value!r}"
+        raise ValueError(f"{arg} is unknown; allowed: {list(MERGE_INTO)} ('trained': the base the adapters were "
+                         "trained on, e.g. dequantized NF4; 'original': the released fp weights).")
+    return "trained" if value == "dequantized_nf4" else value
 
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoraLayer) and adapter in getattr(mod, "lora_A", {}):
-            yield name, mod
 
-
-def base_name(peft_name: str) -> str:
-    """``base_model.model.model.layers.0.q_proj`` -> ``model.layers.0.q_proj`` (the plain HF model's name)."""
-    for prefix in ("base_model.model.", "model.base_model.model."):
-        if peft_name.startswith(prefix):
-            return peft_name[len(prefix):]
-    return peft_name
+def _masks_by_hf_name(masks) -> dict:
+    return {layers.hf_name(k.removeprefix("model.") if k.startswith("model.base_model.") else k): v
+            for k, v in (masks or {}).items()}
 
 
 @torch.no_grad()
-def lora_deltas(model: nn.Module, masks: dict | None = None, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """``{base linear name: fp32 delta [out, in]}`` of every LoRA layer of ``adapter`` (masks applied)."""
-    masks = {base_name(k): v for k, v in (masks or {}).items()}
-    deltas = {}
-    for name, mod in _lora_layers(model, adapter):
-        if getattr(mod, "use_dora", {}).get(adapter, False):
-            raise NotImplementedError(f"merge: {name} uses DoRA; qft export merges plain LoRA adapters only.")
-        A = mod.lora_A[adapter].weight.detach().float().cpu()
-        B = mod.lora_B[adapter].weight.detach().float().cpu()
-        key = base_name(name)
-        mask = masks.get(key)
-        if mask is not None:
-            if mask.shape != A.shape:
-                raise ValueError(f"merge: PRILoRA mask for {key} has shape {tuple(mask.shape)}, A has {tuple(A.shape)}.")
-            A = A * mask.float().cpu()
-        delta = (B @ A) * float(mod.scaling[adapter])
-        if getattr(mod, "fan_in_fan_out", False):
-            delta = delta.t()
-        deltas[key] = delta
-    return deltas
-
-
-def dequantized_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{base linear name: fp32 weight}`` of every bitsandbytes 4-bit layer in ``model``."""
+def lora_deltas(model: nn.Module, masks: dict | None = None) -> dict[str, torch.Tensor]:
+    """``{HF layer name: fp32 delta [out, in]}`` of every layer with active LoRA adapters (masks on A)."""
+    masks = _masks_by_hf_name(masks)
     out = {}
-    for name, mod in model.named_modules():
-        w = getattr(mod, "weight", None)
-        if w is not None and getattr(w, "quant_state", None) is not None and type(w).__name__ == "Params4bit":
-            import bitsandbytes.functional as bnbF
+    for name, m in layers.linear_layers(layers.unwrap(model)).items():
+        d = layers.adapter_delta(m, masks.get(name))
+        if d is not None:
+            out[name] = d.cpu()
+    return out
 
-            out[base_name(name).removesuffix(".base_layer")] = bnbF.dequantize_4bit(w.data, w.quant_state).float().cpu()
+
+def _non_layer_state(hf: nn.Module, layer_names) -> dict:
+    """Tensors of ``hf`` outside its linear layers (embeddings, norms, head), under plain-model names."""
+    prefixes = tuple(n + "." for n in layer_names)
+    out = {}
+    for k, v in hf.state_dict().items():
+        if k.startswith(prefixes) or ".original_module." in k:
+            continue
+        out[k.replace(".modules_to_save.default.", ".")] = v  # peft's trained copy of a saved module
     return out
 
 
 @torch.no_grad()
-def merge_adapters(trained: nn.Module, base: nn.Module | str, merge_into: str = "original",
-                   masks: dict | None = None, adapter: str = "default") -> nn.Module:
-    """A plain fp32 HF model: ``base`` (a model or a ``qft.models`` name, reloaded from the original weights)
-    plus the adapters of ``trained``; with ``merge_into="dequantized_nf4"`` the linear weights are first
-    replaced by the dequantized NF4 weights of ``trained``. ``trained`` is left unchanged."""
-    if merge_into not in MERGE_INTO:
-        raise ValueError(f"merge_into={merge_into!r} is unknown; allowed: {list(MERGE_INTO)}.")
-    if isinstance(base, str):
-        from qft.models import load_model
+def merge_adapters(trained: nn.Module, base: nn.Module | str | None = None, merge_into: str = DEFAULT_MERGE_INTO,
+                   masks: dict | None = None) -> nn.Module:
+    """A plain fp32 Hugging Face model (every linear an ``nn.Linear``) equal to ``trained`` before fake-quant.
 
-        base = load_model(base, dtype=torch.float32)
-    base = base.float().cpu().eval()
-    linears = {n: m for n, m in base.named_modules() if isinstance(m, nn.Linear)}
-    if merge_into == "dequantized_nf4":
-        deq = dequantized_base_weights(trained)
-        if not deq:
-            raise ValueError("merge_into='dequantized_nf4' but the trained model has no NF4 (bitsandbytes 4-bit) layers; "
-                             "use merge_into='original'.")
-        for n, w in deq.items():
-            if n not in linears or linears[n].weight.shape != w.shape:
-                raise KeyError(f"merge: NF4 layer {n} has no matching linear of shape {tuple(w.shape)} in the base.")
-            linears[n].weight.copy_(w)
-    deltas = lora_deltas(trained, masks, adapter)
-    for n, d in deltas.items():
-        if n not in linears or linears[n].weight.shape != d.shape:
-            raise KeyError(f"merge: adapter layer {n} has no matching linear of shape {tuple(d.shape)} in the base; "
-                           "was the adapter trained on a different model?")
-        linears[n].weight.add_(d)
-    # trainable non-adapter weights (e.g. modules_to_save or a full fine-tune) are copied as trained
-    trained_params = {base_name(n): p for n, p in trained.named_parameters() if p.requires_grad and "lora_" not in n}
-    own = dict(base.named_parameters())
-    for n, p in trained_params.items():
-        n = n.replace(".modules_to_save.default", "")
-        if n in own and own[n].shape == p.shape:
-            own[n].copy_(p.detach().float().cpu())
-    return base
+    ``base`` (a model or a ``qft.models`` name) is needed only for ``merge_into="original"``, whose frozen
+    base weights come from it. ``trained`` is left unchanged.
+    """
+    from transformers import AutoModelForCausalLM
+
+    merge_into = check_merge_into(merge_into)
+    hf = layers.unwrap(trained)
+    found = layers.linear_layers(hf)
+    original = None
+    if merge_into == "original" and any(not layers.base_trainable(m) for m in found.values()):
+        if base is None:
+            raise ValueError("merge_into='original' needs the original base model (a qft.models name or a model), "
+                             "e.g. base='smollm2-135m'; or use merge_into='trained'.")
+        if isinstance(base, str):
+            from qft.models import load_model
+
+            base = load_model(base, dtype=torch.float32)
+        original = {n: m for n, m in base.named_modules()}
+    masks = _masks_by_hf_name(masks)
+    sd = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+          for k, v in _non_layer_state(hf, found).items()}
+    for name, m in found.items():
+        if original is not None and not layers.base_trainable(m):
+            ref = original.get(name)
+            if ref is None or not hasattr(ref, "weight"):
+                raise KeyError(f"merge: layer {name} has no counterpart in the original base model; was the adapter "
+                               "trained on a different model?")
+            w = ref.weight.detach().float().cpu()
+        else:
+            w = layers.base_weight(m).cpu()
+        d = layers.adapter_delta(m, masks.get(name))
+        if d is not None:
+            if d.shape != w.shape:
+                raise KeyError(f"merge: adapter of {name} has shape {tuple(d.shape)}, the base weight {tuple(w.shape)}.")
+            w = w + d.cpu()
+        sd[f"{name}.weight"] = w
+        b = layers.bias(m)
+        if b is not None:
+            sd[f"{name}.bias"] = b.detach().float().cpu()
+    plain = AutoModelForCausalLM.from_config(hf.config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(sd, strict=False)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or []) | (
+        {"lm_head.weight"} if getattr(hf.config, "tie_word_embeddings", False) else set())
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"merge: the merged weights do not fit {type(plain).__name__}: missing={missing[:5]} "
+                           f"unexpected={unexpected[:5]}")
+    if getattr(hf.config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    if getattr(hf, "generation_config", None) is not None:
+        plain.generation_config = hf.generation_config
+    return plain.eval()
 
 
 @torch.no_grad()
@@ -123,9 +137,10 @@ def drift(reference: nn.Module, merged: nn.Module, tokens: torch.Tensor, max_sam
     x = tokens[:max_samples, :max_len].cpu()
     kls, mx = [], 0.0
     ref_dev = next(reference.parameters()).device
+    merged_dev = next(merged.parameters()).device
     for row in x:
         a = reference(input_ids=row[None].to(ref_dev)).logits.float().cpu()
-        b = merged(input_ids=row[None]).logits.float()
+        b = merged(input_ids=row[None].to(merged_dev)).logits.float().cpu()
         pa, pb = a.log_softmax(-1), b.log_softmax(-1)
         kls.append((pa.exp() * (pa - pb)).sum(-1).mean())
         mx = max(mx, float((a - b).abs().max()))

@@ -1,10 +1,18 @@
 """The whole post-fit export in one function, shared by ``GPTQExportCallback`` and ``qft export``.
 
-trained (NF4/bf16 + LoRA) --merge--> fp32 base + deltas --GPTQ/RTN--> packed int weights --> HF checkpoint.
+trained (NF4/bf16/fp + LoRA, QAT or not) --merge--> plain fp32 model --GPTQ/RTN, or the grid QAT
+learned--> packed int weights --> HF checkpoint.
+
+Every layer is read through ``qft.layers``, so the export does not care how the model was trained.
+A layer QAT trained carries its grid (``qft.layers.grids``); ``qat_grid`` says what to do with it:
+
+- ``"keep"`` (default): write exactly that grid, the codes, scales and zeros ``qft.qat.convert``
+  computes; the checkpoint reproduces the fake-quant model in memory bit for bit, no solve;
+- ``"refine"``: keep the learned scales and zeros, let GPTQ re-solve the codes on calibration data;
+- ``"resolve"``: ignore it; merge and solve a new grid as for any model (Hugging Face's road).
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -14,12 +22,16 @@ from pathlib import Path
 
 import torch
 
-from .blocks import check_model
+from qft import layers
+
+from .blocks import check_model, find_decoder_blocks
+from .calibration import CalibrationError
 from .checkpoint import check_output_dir, save_quantized, _swap_into_place
 from .config import GPTQConfig
-from .merge import drift, lora_deltas, merge_adapters
+from .merge import DEFAULT_MERGE_INTO, check_merge_into, drift, merge_adapters
 from .sequential import quantize_model
 
+QAT_GRIDS = ("keep", "refine", "resolve")
 BACKENDS = ("qft", "gptqmodel")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,54 +62,116 @@ def resolve_dtype(name: str, device) -> torch.dtype:
     return torch.bfloat16 if bf16_supported(device) else torch.float32
 
 
-def is_adapted(model) -> bool:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
+def check_qat_grid(qat_grid: str) -> None:
+    if qat_grid not in QAT_GRIDS:
+        raise ValueError(f"qat_grid={qat_grid!r} is unknown; allowed: {list(QAT_GRIDS)} ('keep': write the grid QAT "
+                         "learned; 'refine': keep its scales, GPTQ re-solves the codes; 'resolve': solve a new grid).")
+
+
+def export_config(trained, qat_grid: str = "keep", bits: int | None = None, group_size: int | None = None,
+                  sym: bool | None = None, **solver) -> GPTQConfig:
+    """The export's ``GPTQConfig``: bits, group size and symmetry follow the grid QAT trained, if any.
+
+    ``bits``/``group_size``/``sym`` left as None take QAT's values (or ``GPTQConfig``'s defaults for a
+    model without QAT). Given ones must agree with a learned grid that is kept or refined; with
+    ``qat_grid="resolve"`` they may differ (a new grid is solved anyway).
+    """
+    check_qat_grid(qat_grid)
+    explicit = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym).items() if v is not None}
+    scheme = layers.learned_scheme(layers.unwrap(trained))
+    if scheme is None:
+        return GPTQConfig(**explicit, **solver)
+    learned = GPTQConfig.from_scheme(scheme)
+    clash = {k: (v, getattr(learned, k)) for k, v in explicit.items() if getattr(learned, k) != v}
+    if clash and qat_grid != "resolve":
+        raise ValueError(f"export: {', '.join(f'{k}={v!r}' for k, (v, _) in clash.items())} differ from the grid QAT "
+                         f"trained ({', '.join(f'{k}={w!r}' for k, (_, w) in clash.items())}). Leave them unset to "
+                         "write the learned grid, or set qat_grid='resolve' to solve a new grid instead.")
+    return GPTQConfig(**{"bits": learned.bits, "group_size": learned.group_size, "sym": learned.sym,
+                         **explicit, **solver})
+
+
+def check_trained(trained, cfg: GPTQConfig, qat_grid: str = "keep", backend: str = "qft") -> dict:
+    """Refuse, before any work, a trained model that cannot be exported as asked; returns its learned grids."""
+    check_qat_grid(qat_grid)
+    model = layers.unwrap(trained)
+    find_decoder_blocks(model)
+    under = layers.grid_under_adapter(model)
+    if under and qat_grid != "resolve":
+        raise ValueError(f"export: {len(under)} layers (e.g. {under[0]}) hold a QAT grid under a LoRA adapter that "
+                         "adds outside it (QATCallback(lora_merged=False)); the merged weight W + B@A that an export "
+                         "writes was never on a trained grid. Train with QATCallback(lora_merged=True) (the default), "
+                         "or export with qat_grid='resolve' (merge, then solve a new grid).")
+    grids = layers.grids(model) if qat_grid != "resolve" else {}
+    if grids and backend != "qft":
+        raise ValueError(f"export: backend={backend!r} solves its own grid and cannot write the one QAT learned; use "
+                         "backend='qft', or qat_grid='resolve'.")
+    for name, qw in grids.items():
+        if qw.bits != cfg.bits or qw.group_size != cfg.group_size:
+            raise ValueError(f"export: layer {name} was trained on a {qw.bits}-bit grid with group size "
+                             f"{qw.group_size}, but the export asks for bits={cfg.bits}, group_size={cfg.group_size}; "
+                             "build the config with qft.export.pipeline.export_config, or qat_grid='resolve'.")
+    return grids
+
+
+def needs_calibration(trained, cfg: GPTQConfig, qat_grid: str = "keep") -> bool:
+    """Whether the export solves anything (and so needs calibration tokens)."""
+    if cfg.method == "rtn":
         return False
-    return any(isinstance(m, LoraLayer) for m in model.modules())
+    if qat_grid == "refine":
+        return True
+    model = layers.unwrap(trained)
+    prefix, blocks = find_decoder_blocks(model)
+    grids = layers.grids(model) if qat_grid == "keep" else {}
+    return not all(f"{prefix}.{i}.{n}" in grids for i, b in enumerate(blocks) for n in layers.linear_layers(b))
 
 
-def merged_model(trained, base_name: str | None, merge_into: str, masks=None):
-    """The fp32 model to quantize: adapters merged into the base, or a plain copy of a non-adapted model."""
-    if is_adapted(trained):
-        if base_name is None:
-            raise ValueError("export: the trained model has adapters, so the original base is needed; pass the base "
-                             "model name (e.g. model='smollm2-135m').")
-        return merge_adapters(trained, base_name, merge_into=merge_into, masks=masks)
-    return copy.deepcopy(trained).float().cpu().eval()
+def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPTQConfig, base_name: str | None = None,
+           merge_into: str = DEFAULT_MERGE_INTO, masks=None, backend: str = "qft", device=None, dtype: str = "auto",
+           overwrite: bool = False, measure_drift: bool = True, progress: bool = True,
+           qat_grid: str = "keep") -> dict:
+    """Merge, quantize and write ``output_dir``; returns a summary (also saved as ``qft_export.json``).
 
-
-def export(trained, tokenizer, tokens: torch.Tensor, output_dir, cfg: GPTQConfig, base_name: str | None = None,
-           merge_into: str = "original", masks=None, backend: str = "qft", device=None, dtype: str = "auto",
-           overwrite: bool = False, measure_drift: bool = True, progress: bool = True) -> dict:
-    """Merge, quantize and write ``output_dir``; returns a summary (also saved as ``qft_export.json``)."""
+    ``drift`` compares the merged full-precision model with the trained one (what the merge changed),
+    ``export_drift`` the quantized model with the trained one (what the whole export changed; zero up to
+    the export dtype when a learned grid is kept). Both need ``tokens``.
+    """
     check_backend(backend)
     check_output_dir(output_dir, overwrite)
+    merge_into = check_merge_into(merge_into)
+    fixed = check_trained(trained, cfg, qat_grid, backend)
+    if tokens is None and needs_calibration(trained, cfg, qat_grid):
+        raise CalibrationError("export: GPTQ needs calibration tokens for the layers QAT did not train; pass some.")
     device = torch.device(device or "cpu")
     t0 = time.perf_counter()
     was_training = trained.training
     trained.eval()
-    model = merged_model(trained, base_name, merge_into, masks)
-    summary = {"merge_into": merge_into if is_adapted(trained) else None,
-               "merged_layers": len(lora_deltas(trained, masks)) if is_adapted(trained) else 0,
-               "masks": len(masks or {}), "backend": backend, "config": cfg.to_dict(),
-               "calibration": list(tokens.shape)}
-    if measure_drift:
+    model = merge_adapters(trained, base_name, merge_into=merge_into, masks=masks)
+    found = layers.linear_layers(layers.unwrap(trained)).values()
+    summary = {"merge_into": merge_into, "merged_layers": sum(1 for m in found if layers.adapters(m)),
+               "qat_grid": qat_grid if fixed or qat_grid == "resolve" and layers.grids(trained) else None,
+               "learned_layers": len(fixed), "masks": len(masks or {}), "backend": backend, "config": cfg.to_dict(),
+               "calibration": None if tokens is None else list(tokens.shape)}
+    measure = measure_drift and tokens is not None
+    if measure:
         summary["drift"] = drift(trained, model, tokens)
-    trained.train(was_training)
     compute = resolve_dtype(dtype, device)
     model = model.to(compute)
     summary["dtype"] = str(compute).replace("torch.", "")
     summary["group_size_warnings"] = check_model(model, cfg)
     t1 = time.perf_counter()
     if backend == "qft":
-        quantized, rows = quantize_model(model, cfg, tokens, device=device, progress=progress)
+        quantized, rows = quantize_model(model, cfg, tokens, device=device, progress=progress, fixed=fixed,
+                                         refine=qat_grid == "refine")
         summary["quantize_s"] = time.perf_counter() - t1
+        if measure:
+            summary["export_drift"] = drift(trained, model, tokens)
+        trained.train(was_training)
         summary["seconds"] = time.perf_counter() - t0
         out = save_quantized(model, quantized, cfg, output_dir, tokenizer=tokenizer, overwrite=overwrite,
                              report_rows=rows, extra_files={"qft_export.json": summary})
     else:
+        trained.train(was_training)
         out = _export_gptqmodel(model, tokenizer, tokens, output_dir, cfg, overwrite, summary, t0, t1)
     summary["output_dir"] = str(out)
     return summary

@@ -86,7 +86,8 @@ def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int, device) -
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | None = None, device=None,
-                   batch_size: int = 16, progress: bool = True, reuse_outputs: bool = True):
+                   batch_size: int = 16, progress: bool = True, reuse_outputs: bool = True,
+                   fixed: dict[str, QuantizedWeight] | None = None, refine: bool = False):
     """Quantize every linear layer in the decoder blocks of ``model`` (lm_head stays full precision).
 
     Returns ``(quantized, rows)``: ``{qualified layer name: QuantizedWeight}`` and per-layer report rows.
@@ -94,6 +95,11 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     evaluated as is); the integer codes are what ``save_quantized`` packs. ``reuse_outputs`` replays
     the saved outputs of a block's sub-modules once they are final (Llama's attention, in the MLP stages
     of true-sequential) instead of recomputing them; the results are the same either way.
+
+    ``fixed`` maps qualified layer names to grids chosen before (what QAT learned, ``qft.layers.grids``):
+    those layers are written as given, with no solve, or with ``refine`` GPTQ re-solves their codes
+    inside the given scales and zeros. The other layers are solved as usual, on inputs that went through
+    the fixed ones. When every layer is fixed and nothing is refined, no calibration forward runs at all.
     """
     from tqdm.auto import tqdm
 
@@ -105,7 +111,9 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     quantized: dict[str, QuantizedWeight] = {}
     rows: list[dict] = []
 
-    def commit(i, names, lin_map, qw: QuantizedWeight, seconds, n_tokens, H=None):
+    fixed = fixed or {}
+
+    def commit(i, names, lin_map, qw: QuantizedWeight, seconds, n_tokens, H=None, method=cfg.method):
         start = 0
         for n in names:
             lin = lin_map[n]
@@ -119,18 +127,20 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             part.rel_error = relative_output_error(lin.weight, deq, h)
             lin.weight.copy_(deq.to(lin.weight))
             rows.append(dict(layer=full, block=i, in_features=lin.in_features, out_features=lin.out_features,
-                             shared_with=",".join(x for x in names if x != n), method=cfg.method, bits=cfg.bits,
+                             shared_with=",".join(x for x in names if x != n), method=method, bits=cfg.bits,
                              group_size=cfg.group_size, damp_percent=qw.damp_percent, n_tokens=n_tokens,
                              gptq_loss=qw.loss, rel_output_error=part.rel_error, seconds=round(seconds, 4)))
             bar.update(1)
 
-    if cfg.method == "rtn":
+    every_fixed = all(f"{prefix}.{i}.{n}" in fixed for i, b in enumerate(blocks) for n in block_linears(b))
+    if cfg.method == "rtn" or (every_fixed and not refine):  # no calibration forward needed
         for i, block in enumerate(blocks):
             lins = block_linears(block)
             for n, lin in lins.items():
                 t0 = time.perf_counter()
-                qw = rtn_solve(lin.weight.to(device), cfg)
-                commit(i, [n], lins, qw.cpu(), time.perf_counter() - t0, 0)
+                given = fixed.get(f"{prefix}.{i}.{n}")
+                qw = given if given is not None else rtn_solve(lin.weight.to(device), cfg)
+                commit(i, [n], lins, qw.cpu(), time.perf_counter() - t0, 0, method="qat" if given else cfg.method)
         bar.close()
         return quantized, rows
 
@@ -168,10 +178,22 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             for g in stage:
                 t1 = time.perf_counter()
                 old = lins[g[0]].weight.detach().clone() if tail else None
-                W = torch.cat([lins[n].weight for n in g], 0)
                 H = accs[g[0]].hessian()
-                qw = gptq_solve(W, H, cfg, report_error=False)
-                commit(i, g, lins, qw.cpu(), time.perf_counter() - t1 + fwd_s / len(stage), accs[g[0]].n_tokens, H)
+                held = [n for n in g if f"{prefix}.{i}.{n}" in fixed]
+                free = [n for n in g if n not in held]
+                for names, given in ((held, True), (free, False)):
+                    if not names:
+                        continue
+                    grid = QuantizedWeight.cat([fixed[f"{prefix}.{i}.{n}"] for n in names]) if given else None
+                    if given and not refine:
+                        qw, method = grid, "qat"
+                    else:
+                        W = torch.cat([lins[n].weight for n in names], 0)
+                        qw = gptq_solve(W, H, cfg, report_error=False,
+                                        grid=(grid.scale, grid.zero) if given else None)
+                        method = "qat+gptq" if given else cfg.method
+                    commit(i, names, lins, qw.cpu(), time.perf_counter() - t1 + fwd_s / len(stage),
+                           accs[g[0]].n_tokens, H, method=method)
             for c, (lin, n_out) in ending.items():  # now final: replay as quantized linear(saved input)
                 xs = kept[_group_head(stage, lin)]
                 if len(xs) == len(cache):

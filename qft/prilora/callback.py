@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import pytorch_lightning as pl
 import torch
 
-from .. import hooks
+from .. import hooks, layers
 from . import math as pm
 from .config import PRILoRAConfig
 
@@ -68,10 +68,13 @@ class PRILoRACallback(pl.Callback):
         counts the decoder layers and sets ``pl_module.rank_pattern`` / ``alpha_pattern`` (one regex key per
         layer) for the module's ``get_peft_model``. If the model already carries LoRA layers (plain peft
         users who built the patterns with :func:`qft.prilora.math.build_patterns`), it only plans.
-      * ``"final"`` (model complete): finds every LoRA layer of the adapter, raises if any did not get its
-        planned rank/alpha (peft silently ignores pattern keys that match nothing) or if there are none,
-        then registers a forward pre-hook on each ``lora_A`` (input EMA) and a gradient hook on each
-        ``lora_A.weight`` (multiplies the gradient by the mask).
+      * ``"observe"`` (model complete, every layer swap done): finds every layer that applies a LoRA adapter
+        (``qft.layers``: peft's LoRA layers, or QAT's merged-LoRA layers that replaced them), raises if any did
+        not get its planned rank/alpha (peft silently ignores pattern keys that match nothing) or if there are
+        none, then registers a forward pre-hook on each such layer (input EMA: the layer's input is what its
+        ``lora_A`` multiplies, whether or not A runs on its own) and a gradient hook on each ``lora_A.weight``
+        (multiplies the gradient by the mask). ``on_fit_start`` looks again, in case a callback set up after
+        this one swapped the layers of a model that was built before ``fit``.
     - ``on_fit_start``: resolves ``start_step``/``end_step`` (None = 10% / 80% of the run).
     - every training forward up to ``end_step``: the pre-hook updates
       ``ema_j <- beta*ema_j + (1-beta)*mean_tokens(x_j^2)``, only when the module is in training mode with grad
@@ -112,6 +115,7 @@ class PRILoRACallback(pl.Callback):
         self.shadow: Dict[str, torch.Tensor] = {}  # regrow only: values of pruned entries
         self.plot_path = None
         self._lora: Dict[str, torch.nn.Linear] = {}  # module name -> lora_A linear
+        self._outer: Dict[str, torch.nn.Module] = {}  # module name -> the layer applying the adapter
         self._layer_of: Dict[str, Optional[int]] = {}
         self._handles = []
         self._pending_state: Optional[dict] = None
@@ -124,15 +128,13 @@ class PRILoRACallback(pl.Callback):
             return
         self._registered = pl_module
         hooks.when_model_ready(pl_module, self._plan, phase="base")
-        hooks.when_model_ready(pl_module, self._attach, phase="final")
+        hooks.when_model_ready(pl_module, self._attach, phase="observe")
 
     def _plan(self, pl_module) -> None:
         model = getattr(pl_module, "model", None)
         if not isinstance(model, torch.nn.Module):
             raise RuntimeError("PRILoRACallback needs `pl_module.model` (the HF model) to exist when the model is ready.")
-        from peft.tuners.lora import LoraLayer
-
-        already_adapted = any(isinstance(m, LoraLayer) for m in model.modules())
+        already_adapted = bool(layers.adapter_holders(model))
         base = model.get_base_model() if already_adapted and hasattr(model, "get_base_model") else model
         if not already_adapted:
             check_target_modules(base, _hparam(pl_module, "target_modules", None))
@@ -156,17 +158,18 @@ class PRILoRACallback(pl.Callback):
             pl_module.rank_pattern = {**(getattr(pl_module, "rank_pattern", None) or {}), **rank_pattern}
             pl_module.alpha_pattern = {**(getattr(pl_module, "alpha_pattern", None) or {}), **alpha_pattern}
 
-    def _attach(self, pl_module) -> None:
-        from peft.tuners.lora import LoraLayer
+    def _adapted_layers(self, pl_module) -> dict:
+        name = self.config.adapter_name
+        return {n: m for n, m in layers.linear_layers(pl_module.model).items()
+                if name in (getattr(m, "lora_A", None) or {})}
 
+    def _attach(self, pl_module) -> None:
         if self.plan is None:
             self._plan(pl_module)
         name = self.config.adapter_name
         prefix, ranks, alphas = self.plan["layers_prefix"], self.plan["ranks"], self.plan["alphas"]
-        found, wrong, outside = {}, [], []
-        for mod_name, m in pl_module.model.named_modules():
-            if not isinstance(m, LoraLayer) or name not in getattr(m, "lora_A", {}):
-                continue
+        found, wrong, outside, outer = {}, [], [], {}
+        for mod_name, m in self._adapted_layers(pl_module).items():
             idx = pm.layer_index(mod_name, prefix)
             if idx is None:
                 outside.append(mod_name)
@@ -175,6 +178,7 @@ class PRILoRACallback(pl.Callback):
                 wrong.append(f"{mod_name}: r={m.r[name]}, alpha={m.lora_alpha[name]} (planned r={ranks[idx]}, "
                              f"alpha={alphas[idx]:g})")
             found[mod_name] = m.lora_A[name]
+            outer[mod_name] = m
             self._layer_of[mod_name] = idx
         if not found:
             raise RuntimeError(f"PRILoRA found no LoRA layer of adapter {name!r} in the model. Hint: use "
@@ -189,9 +193,9 @@ class PRILoRACallback(pl.Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._lora = found
+        self._lora, self._outer = found, outer
         for mod_name, lin in found.items():
-            self._handles.append(lin.register_forward_pre_hook(self._make_observer(mod_name)))
+            self._handles.append(outer[mod_name].register_forward_pre_hook(self._make_observer(mod_name)))
             self._handles.append(lin.weight.register_hook(self._make_grad_mask(mod_name)))
         if self._pending_state is not None:
             self._restore(self._pending_state)
@@ -216,6 +220,8 @@ class PRILoRACallback(pl.Callback):
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self, trainer, pl_module):
+        if self._lora and any(self._outer.get(n) is not m for n, m in self._adapted_layers(pl_module).items()):
+            self._attach(pl_module)  # another callback swapped the adapted layers after we attached
         if self.start_step is None or self.end_step is None:
             self.start_step, self.end_step = self.config.resolve_steps(trainer.estimated_stepping_batches)
 

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import pytorch_lightning as pl
 import torch
 
-from qft.hooks import when_model_ready
+from qft.hooks import record_change, when_model_ready
 from qft.quant import QuantScheme
 
 from .config import QATConfig
@@ -78,6 +78,7 @@ class QATCallback(pl.Callback):
                 prepare(pl_module, self.config)  # raises the "already converted" error
             return  # validate/test/predict of a converted model: nothing to fake-quantize
         self.swapped = sorted(set(self.swapped) | set(prepare(pl_module, self.config)))
+        record_change(pl_module, "qft.qat.restore.rebuild", self.config.to_dict())
         if stage == "fit" and self.last_step < 0:
             self._apply_schedule(pl_module, 0)
 

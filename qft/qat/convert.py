@@ -33,7 +33,8 @@ class ActQuantGPTQLinear(nn.Module):
 @torch.no_grad()
 def convert_layer(layer) -> nn.Module:
     qw = layer.quantized_weight()
-    q = GPTQLinear.from_codes(qw.codes, qw.scale, qw.zero, qw.g_idx, qw.bits, layer.group, bias=layer.layer_bias())
+    q = GPTQLinear.from_codes(qw.codes, qw.scale, qw.zero, qw.g_idx, qw.bits, layer.group, bias=layer.layer_bias(),
+                              sym=layer.weight_scheme.symmetric)
     setattr(q, CONVERTED_FLAG, True)
     if layer.input_quant is None:
         return q

@@ -30,6 +30,11 @@ def checkpoint_config(checkpoint) -> QATConfig:
                      f"{list(ckpt.get('callbacks', {}))}); was it saved by a Trainer with QATCallback?")
 
 
+def rebuild(pl_module, config: dict) -> list:
+    """``qft.hooks`` replay of a QAT swap recorded in a checkpoint: ``prepare`` with the recorded config."""
+    return prepare(pl_module, QATConfig(**config))
+
+
 def prepare_from_checkpoint(pl_module, checkpoint) -> list:
     """Swap ``pl_module``'s layers as the checkpoint's QAT run did, without loading weights.
 

@@ -16,9 +16,10 @@ from .qweight import QuantizedWeight
 
 class GPTQLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float16):
+                 dtype: torch.dtype = torch.float16, sym: bool = True):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.sym = sym  # the grid's symmetry (zeros are stored either way); re-export writes it to the config
         n_groups = -(-in_features // group_size)
         self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
         self.register_buffer("qzeros", torch.zeros(n_groups, out_features * bits // 32, dtype=torch.int32))
@@ -29,11 +30,11 @@ class GPTQLinear(nn.Module):
         self._register_load_state_dict_pre_hook(lambda *a, **k: self._drop_cache())
 
     @classmethod
-    def from_codes(cls, codes, scale, zero, g_idx, bits: int, group_size: int, bias=None):
+    def from_codes(cls, codes, scale, zero, g_idx, bits: int, group_size: int, bias=None, sym: bool = True):
         """Build from integer ``codes [out,in]``, ``scale/zero [out,n_groups]`` and ``g_idx [in]``."""
         out_f, in_f = codes.shape
         m = cls(in_f, out_f, bits, group_size, bias=bias is not None,
-                dtype=bias.dtype if bias is not None else torch.float16)
+                dtype=bias.dtype if bias is not None else torch.float16, sym=sym)
         for k, v in pack_gptq(codes, scale, zero, g_idx, bits).items():
             getattr(m, k).copy_(v)
         if bias is not None:

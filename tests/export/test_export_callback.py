@@ -23,7 +23,7 @@ def test_fit_then_export_nf4_lora(tmp_path, calib_text):
                             compute_dtype="float32")
     dm = QFTDataModule(task="synthetic", seq_len=128, batch_size=4, num_train=16, num_val=4)
     cb = GPTQExportCallback(tmp_path / "int4", bits=4, group_size=64, calibration=calib_text, n_samples=8,
-                            seq_len=64, dtype="float32", progress=False)
+                            seq_len=64, dtype="float32", progress=False, merge_into="original")
     trainer(tmp_path, cb).fit(module, datamodule=dm)
     out = tmp_path / "int4"
     assert cb.checkpoint_path == str(out.resolve()) and (out / "model.safetensors").exists()

@@ -18,7 +18,9 @@ def calib_file(tmp_path, calib_text):
 def test_add_arguments_and_validation(tmp_path, calib_file):
     p = cli.add_arguments(argparse.ArgumentParser())
     a = p.parse_args(["--adapter", "x", "--output", str(tmp_path), "--calibration", str(calib_file)])
-    assert a.bits == 4 and a.group_size == 128 and a.backend == "qft" and a.merge_into == "original"
+    # grid defaults are None: they follow a QAT-trained grid, else GPTQConfig's (4, 128, symmetric)
+    assert a.bits is None and a.group_size is None and a.asym is None and a.qat_grid == "keep"
+    assert a.backend == "qft" and a.merge_into == "trained"
     with pytest.raises(FileExistsError, match="overwrite"):  # before any model is loaded
         cli.run(a)
     with pytest.raises(SystemExit):

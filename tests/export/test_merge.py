@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from qft.export.merge import base_name, drift, lora_deltas, merge_adapters
+from qft.export.merge import drift, lora_deltas, merge_adapters
+from qft.layers import hf_name
 
 
 @pytest.fixture(scope="module")
@@ -56,5 +57,5 @@ def test_bad_merge_option(qlora):
         merge_adapters(qlora, "tiny-llama", merge_into="nf4")
 
 
-def test_base_name():
-    assert base_name("base_model.model.model.layers.0.q_proj") == "model.layers.0.q_proj"
+def test_hf_name():
+    assert hf_name("base_model.model.model.layers.0.q_proj") == "model.layers.0.q_proj"
