@@ -12,10 +12,10 @@ Lifecycle
   autocast where the hardware supports it; logs loss, perplexity, tokens/s and the learning rate.
 - ``on_save_checkpoint``: drops frozen base weights (and their NF4 state) so checkpoints hold only
   what training changes: adapters, trainable weights, and qft buffers (observers, masks); records
-  the planned adapter ranks and every structural change (``qft.hooks.record_change``).
-- ``on_load_checkpoint``: restores the ranks, builds the model, replays the recorded changes, so a
-  checkpoint loads into a fresh module (``load_from_checkpoint``, ``qft export --ckpt``) without
-  the callbacks that shaped it.
+  every structural change (``qft.hooks.record_change``). Planned adapter ranks are hyper-parameters.
+- ``on_load_checkpoint``: builds the model (with the recorded ranks), replays the recorded changes,
+  so a checkpoint loads into a fresh module (``load_from_checkpoint``, ``qft export --ckpt``)
+  without the callbacks that shaped it.
 """
 from __future__ import annotations
 
@@ -114,6 +114,8 @@ class CausalLMModule(pl.LightningModule):
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with linear warmup and a cosine decay to
             ``min_lr_ratio * lr`` over the trainer's stepping batches.
         seed: seed of the built-in random model (tiny-llama).
+        rank_pattern, alpha_pattern: per-module LoRA ranks and alphas (peft's patterns). PRILoRA plans them
+            and records them here, so a checkpoint rebuilds adapters of the trained shapes.
         save_adapter: at fit end (rank zero), also write the adapters in peft's format
             (``adapter_config.json`` + ``adapter_model.safetensors``) to ``<log_dir>/adapter``, a fresh
             ``adapter-N`` if that exists; ``self.adapter_dir`` tells where.
@@ -123,7 +125,8 @@ class CausalLMModule(pl.LightningModule):
                  adapter: str = "none", lora_r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
                  target_modules: str | list[str] = "all-linear", gradient_checkpointing: bool = False,
                  lr: float = 2e-4, weight_decay: float = 0.0, warmup_steps: int = 0, min_lr_ratio: float = 0.1,
-                 seed: int = 0, save_adapter: bool = True):
+                 seed: int = 0, save_adapter: bool = True, rank_pattern: dict | None = None,
+                 alpha_pattern: dict | None = None):
         super().__init__()
         _check_choice("quantization", quantization, QUANTIZATIONS)
         _check_choice("compute_dtype", compute_dtype, ("auto", *DTYPES))
@@ -149,8 +152,8 @@ class CausalLMModule(pl.LightningModule):
         self.model_ready = False
         self.qft_model_hooks = {p: [] for p in hooks.PHASES}
         self.qft_changes: list = []  # structural changes, replayed from checkpoints (qft.hooks)
-        self.rank_pattern: dict[str, int] = {}
-        self.alpha_pattern: dict[str, float] = {}
+        self.rank_pattern: dict[str, int] = dict(rank_pattern or {})
+        self.alpha_pattern: dict[str, float] = dict(alpha_pattern or {})
         self.strict_loading = False  # checkpoints omit frozen base weights
         self._t_batch = None
         self.adapter_dir: str | None = None
@@ -170,6 +173,8 @@ class CausalLMModule(pl.LightningModule):
         self.model = models.load_model(hp.model, dtype=torch.float32, seed=hp.seed)
         self.tokenizer = models.load_tokenizer(hp.model)
         hooks.run_hooks(self, "base")
+        # planned ranks are part of the module's configuration: checkpoints rebuild the same adapters
+        self.hparams["rank_pattern"], self.hparams["alpha_pattern"] = dict(self.rank_pattern), dict(self.alpha_pattern)
         if hp.quantization != "none":
             quantize_nf4(self.model, double_quant=hp.quantization == "nf4-dq", compute_dtype=self.compute_dtype)
         if hp.adapter == "lora":
@@ -279,7 +284,6 @@ class CausalLMModule(pl.LightningModule):
         cls = type(self)
         checkpoint["qft"] = {"frozen_keys_dropped": len(drop), "model": self.hparams.model,
                              "class_path": f"{cls.__module__}.{cls.__qualname__}",
-                             "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
                              "changes": [list(c) for c in self.qft_changes]}
 
     @staticmethod
@@ -296,13 +300,9 @@ class CausalLMModule(pl.LightningModule):
         return cls.load_from_checkpoint(path, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("qft", {})
-        if not self.model_ready:  # a fresh module: the adapters get the ranks they were trained with
-            self.rank_pattern = {**saved.get("rank_pattern", {}), **self.rank_pattern}
-            self.alpha_pattern = {**saved.get("alpha_pattern", {}), **self.alpha_pattern}
-        self.configure_model()
+        self.configure_model()  # adapter ranks come from the hyper-parameters (rank_pattern)
         # Layers swapped by callbacks (QAT) are swapped again first, so their state has somewhere to go.
-        hooks.replay_changes(self, saved.get("changes"))
+        hooks.replay_changes(self, checkpoint.get("qft", {}).get("changes"))
         expected = set(self.state_dict()) - self.frozen_state_keys()
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:

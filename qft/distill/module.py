@@ -39,6 +39,8 @@ class DistillationModule(CausalLMModule):
     Lifecycle:
         - ``__init__``: validates ``distill`` (unknown loss, kd_ratio outside [0, 1], temperature <= 0,
           a missing teacher all fail here) and the student arguments; loads nothing.
+        - ``on_fit_start``: a ``self`` teacher needs adapters or fake-quant layers in the student (else
+          it is the student itself); checked here, after every callback changed the model.
         - ``configure_model``: builds the student (and runs QAT/PRILoRA hooks) via ``CausalLMModule``,
           then loads a named teacher (frozen, eval, own dtype/device, optionally NF4), checks that the
           vocab sizes agree (or ``vocab_slice``), and builds the hidden-state projections, if any.
@@ -69,6 +71,11 @@ class DistillationModule(CausalLMModule):
             tl, td = self.teacher.num_layers_and_width(self.model)
             self.hidden_loss = HiddenStateLoss(sl, tl, sd, td, loss=cfg.hidden_loss, layer_map=cfg.hidden_layers,
                                                projection=cfg.hidden_projection)
+
+    def on_fit_start(self) -> None:
+        """Refuse a self-teacher that would be the student itself before the first step, not at it."""
+        if self.teacher.is_self:
+            self.teacher.check_self(self.model)
 
     def kd_ratio_now(self) -> float:
         cfg, total = self.distill_cfg, None

@@ -95,7 +95,7 @@ class Teacher:
     def _device(self, student_device: torch.device) -> torch.device:
         return torch.device(self.cfg.teacher_device) if self.cfg.teacher_device else student_device
 
-    def _check_self(self, model: nn.Module) -> None:
+    def check_self(self, model: nn.Module) -> None:
         if self._checked_self:
             return
         if not adapter_holders(model) and not fake_quant_switches(model):
@@ -110,7 +110,7 @@ class Teacher:
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         if self.is_self:
             model = student_module.model
-            self._check_self(model)
+            self.check_self(model)
             with self_teacher_mode(model):
                 out = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
             return out.logits.detach(), (out.hidden_states if hidden else None)

@@ -8,7 +8,7 @@ import torch
 
 from qft import hooks
 
-from .calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, calibration_tokens, model_max_length
+from .calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, CalibrationError, calibration_tokens, model_max_length
 from .checkpoint import check_output_dir
 from .config import GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, check_merge_into
@@ -38,7 +38,8 @@ class GPTQExportCallback(pl.Callback):
             dequantized NF4 base) or ``"original"`` (reload the released fp weights); see
             ``qft.export.merge``.
         backend: ``"qft"`` (pure torch) or ``"gptqmodel"`` (needs the ``interop`` extra).
-        device: where blocks are quantized (default: the module's device); dtype: forward dtype.
+        device: where blocks are quantized (default: the module's device); dtype: forward dtype;
+            save_dtype: dtype of the tensors left in floating point ("auto": fp16 for an fp32 model).
         overwrite: replace an existing ``output_dir``.
 
     Lifecycle
@@ -63,7 +64,7 @@ class GPTQExportCallback(pl.Callback):
                  method: str = _D.method, qat_grid: str = "keep", calibration=None,
                  n_samples: int = DEFAULT_N_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
                  merge_into: str = DEFAULT_MERGE_INTO, backend: str = "qft", device=None, dtype: str = "auto",
-                 overwrite: bool = False, measure_drift: bool = True, progress: bool = True):
+                 overwrite: bool = False, measure_drift: bool = True, progress: bool = True, save_dtype: str = "auto"):
         super().__init__()
         self.grid = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym).items() if v is not None}
         self.solver = dict(desc_act=desc_act, static_groups=static_groups, act_group_aware=act_group_aware,
@@ -73,8 +74,9 @@ class GPTQExportCallback(pl.Callback):
         check_qat_grid(qat_grid)
         self.qat_grid = qat_grid
         self.merge_into = check_merge_into(merge_into, "GPTQExportCallback")
-        if dtype not in DTYPES:
-            raise ValueError(f"GPTQExportCallback(dtype={dtype!r}) is unknown; allowed: {list(DTYPES)}.")
+        for arg, value in (("dtype", dtype), ("save_dtype", save_dtype)):
+            if value not in DTYPES:
+                raise ValueError(f"GPTQExportCallback({arg}={value!r}) is unknown; allowed: {list(DTYPES)}.")
         check_backend(backend)
         if not isinstance(n_samples, int) or n_samples < 1 or not isinstance(seq_len, int) or seq_len < 2:
             raise ValueError(f"GPTQExportCallback(n_samples={n_samples!r}, seq_len={seq_len!r}): need n_samples >= 1 "
@@ -83,7 +85,7 @@ class GPTQExportCallback(pl.Callback):
         self.overwrite = overwrite
         check_output_dir(self.output_dir, overwrite)
         self.calibration, self.n_samples, self.seq_len = calibration, n_samples, seq_len
-        self.backend, self.device, self.dtype = backend, device, dtype
+        self.backend, self.device, self.dtype, self.save_dtype = backend, device, dtype, save_dtype
         self.measure_drift, self.progress = measure_drift, progress
         self.tokens: torch.Tensor | None = None
         self.summary: dict | None = None
@@ -106,24 +108,30 @@ class GPTQExportCallback(pl.Callback):
         source = self.calibration
         if source is None:
             source = getattr(getattr(self, "_trainer", None), "datamodule", None)
-        if source is None and not needs_calibration(model, self.config, self.qat_grid):
-            return  # the learned grid is written as is; nothing to calibrate (no drift measured either)
         tokenizer = getattr(pl_module, "tokenizer", None)
-        self.tokens = calibration_tokens(source, tokenizer, self.n_samples, self.seq_len,
-                                         max_length=model_max_length(model))
+        if needs_calibration(model, self.config, self.qat_grid):
+            self.tokens = calibration_tokens(source, tokenizer, self.n_samples, self.seq_len,
+                                             max_length=model_max_length(model))
+            return
+        # The learned grid is written as is: tokens serve only the drift check (qft.export.merge.drift),
+        # which reads at most 4 x 256 of them; without enough data it is skipped, never an error.
+        try:
+            self.tokens = calibration_tokens(source, tokenizer, 4, min(self.seq_len, 256),
+                                             max_length=model_max_length(model))
+        except CalibrationError:
+            self.tokens = None
 
     # ------------------------------------------------------------------ the export
     def on_fit_end(self, trainer, pl_module):
         if trainer.is_global_zero:
-            if self.tokens is None:
-                self._prepare(pl_module)
             self._check(pl_module.model)  # a callback may have changed the model since set-up (convert)
             base_name = getattr(pl_module, "hparams", {}).get("model", getattr(pl_module, "model_name", None))
             device = self.device or (pl_module.device if pl_module.device.type != "cpu" else "cpu")
             self.summary = export(pl_module.model, getattr(pl_module, "tokenizer", None), self.tokens, self.output_dir,
                                   self.config, base_name=base_name, merge_into=self.merge_into, backend=self.backend,
                                   device=device, dtype=self.dtype, overwrite=self.overwrite,
-                                  measure_drift=self.measure_drift, progress=self.progress, qat_grid=self.qat_grid)
+                                  measure_drift=self.measure_drift, progress=self.progress, qat_grid=self.qat_grid,
+                                  save_dtype=self.save_dtype)
             self.checkpoint_path = self.summary["output_dir"]
             if trainer.logger is not None:
                 for key in ("drift", "export_drift"):

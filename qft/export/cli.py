@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="qft", choices=BACKENDS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=list(DTYPES))
+    parser.add_argument("--save-dtype", default="auto", choices=list(DTYPES),
+                        help="dtype of the unquantized tensors (auto: fp16 for an fp32 model)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-drift", action="store_true", help="skip the merged-vs-trained drift measurement")
     return parser
@@ -118,7 +120,8 @@ def run(args) -> dict:
         raise CalibrationError("qft export: --calibration is required (GPTQ solves layers QAT did not train).")
     summary = export(model, tok, tokens, args.output, cfg, base_name=base_name, merge_into=args.merge_into,
                      masks=masks, backend=args.backend, device=args.device, dtype=args.dtype,
-                     overwrite=args.overwrite, measure_drift=not args.no_drift, qat_grid=args.qat_grid)
+                     overwrite=args.overwrite, measure_drift=not args.no_drift, qat_grid=args.qat_grid,
+                     save_dtype=args.save_dtype)
     print(json.dumps({k: summary[k] for k in ("output_dir", "drift", "export_drift", "quantize_s", "seconds")
                       if k in summary}, indent=2))
     return summary

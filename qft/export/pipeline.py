@@ -129,15 +129,19 @@ def needs_calibration(trained, cfg: GPTQConfig, qat_grid: str = "keep") -> bool:
 def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPTQConfig, base_name: str | None = None,
            merge_into: str = DEFAULT_MERGE_INTO, masks=None, backend: str = "qft", device=None, dtype: str = "auto",
            overwrite: bool = False, measure_drift: bool = True, progress: bool = True,
-           qat_grid: str = "keep") -> dict:
+           qat_grid: str = "keep", save_dtype: str = "auto") -> dict:
     """Merge, quantize and write ``output_dir``; returns a summary (also saved as ``qft_export.json``).
 
+    ``save_dtype`` is the dtype of the tensors that stay in floating point (embeddings, norms, head):
+    ``"auto"`` writes fp16 for an fp32 model (the GPTQ convention) and the compute dtype otherwise.
     ``drift`` compares the merged full-precision model with the trained one (what the merge changed),
     ``export_drift`` the quantized model with the trained one (what the whole export changed; zero up to
     the export dtype when a learned grid is kept). Both need ``tokens``.
     """
     check_backend(backend)
     check_output_dir(output_dir, overwrite)
+    if save_dtype not in DTYPES:
+        raise ValueError(f"save_dtype={save_dtype!r} is unknown; allowed: {list(DTYPES)}.")
     merge_into = check_merge_into(merge_into)
     fixed = check_trained(trained, cfg, qat_grid, backend)
     if tokens is None and needs_calibration(trained, cfg, qat_grid):
@@ -169,7 +173,7 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
         trained.train(was_training)
         summary["seconds"] = time.perf_counter() - t0
         out = save_quantized(model, quantized, cfg, output_dir, tokenizer=tokenizer, overwrite=overwrite,
-                             report_rows=rows, extra_files={"qft_export.json": summary})
+                             dtype=DTYPES[save_dtype], report_rows=rows, extra_files={"qft_export.json": summary})
     else:
         trained.train(was_training)
         out = _export_gptqmodel(model, tokenizer, tokens, output_dir, cfg, overwrite, summary, t0, t1)

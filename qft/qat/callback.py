@@ -28,7 +28,8 @@ class QATCallback(pl.Callback):
         freeze_observers_step: global step from which activation observers stop updating.
         ignore / targets: module-name patterns (exact, dotted suffix or glob) excluded / included.
         range_learning, lr_multiplier: LSQ-learned scales (and asymmetric zeros) at ``lr * lr_multiplier``.
-        lora_merged: for peft LoRA layers, fake-quantize ``W + scaling * B @ A`` (the merged export weight).
+        lora_merged: for peft LoRA layers, fake-quantize ``W + scaling * B @ A`` (the merged export weight);
+            None (default) = True; False fake-quantizes the base alone (not exportable on its learned grid).
         observer_momentum: moving-average constant of per_tensor observers.
         allow_partial_groups: accept a short last group when ``group_size`` does not divide ``in_features``.
         convert_on_fit_end: convert to packed ``GPTQLinear`` when fit ends.
@@ -57,7 +58,7 @@ class QATCallback(pl.Callback):
                  activation: Optional[QuantScheme] = None, start_step: int = 0,
                  freeze_observers_step: Optional[int] = None, ignore: Sequence[str] = ("lm_head",),
                  targets: Optional[Sequence[str]] = None, range_learning: bool = False, lr_multiplier: float = 1.0,
-                 lora_merged: bool = False, observer_momentum: float = 0.01, allow_partial_groups: bool = False,
+                 lora_merged: Optional[bool] = None, observer_momentum: float = 0.01, allow_partial_groups: bool = False,
                  convert_on_fit_end: bool = False):
         self.config = QATConfig(weight=weight, activation=activation, start_step=start_step,
                                 freeze_observers_step=freeze_observers_step, ignore=ignore, targets=targets,
