@@ -1,108 +1,189 @@
-"""``make demo``: the whole qft pipeline on the embedded SmolLM2-135M-Instruct, on a CPU.
+"""``make demo``: one fine-tune of the embedded SmolLM2-135M-Instruct, deployed int4 by two roads, on a CPU.
 
 1. accuracy of the base model on held-out 3-digit additions (greedy exact match);
-2. NF4 QLoRA fine-tune with PRILoRA adapters (ranks 4 -> 12 with depth, A pruned by importance);
-3. export: merge the adapters into the original full-precision base (``--merge-into dequantized_nf4``:
-   into the NF4 base they were trained on), GPTQ 4-bit, Hugging Face checkpoint;
-4. accuracy of the fine-tuned QLoRA model and of the exported int4 checkpoint (run in pure torch);
-5. one table: accuracies, sizes on disk and where everything is.
+2. quantization-aware QLoRA (``recipes/qa_qlora.yaml``): NF4 base, PRILoRA adapters (ranks 4 -> 12
+   with depth, A pruned by importance), and from ``--qat-start`` on, QAT on the merged weight
+   ``W_nf4 + B@A`` with learned scales; ``GPTQExportCallback`` writes that grid at fit end (no solve);
+3. Hugging Face's recipe from the same adapters: merge into the original fp base, then GPTQ int4;
+4. for the QLoRA model and each exported checkpoint (run in pure torch): task accuracy, WikiText-2
+   perplexity (first 16 x 1024 tokens of ``../shared/data/wikitext2_test.raw``, when present) and size;
+5. one table, and ``summary.json`` in the run directory.
 
-    python -m qft.demo [--steps 160] [--out runs/demo-<time>]
+GPTQ calibrates on the task mixed half and half with general text (WikiText-2 windows from the second
+half of its tokens, disjoint from the evaluation windows, per ``../shared/data/README.md``) when that
+file is present, else on the task alone.
+
+    python -m qft.demo [--steps 160] [--qat-start 100] [--out runs/demo-<time>]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 
+from .progress import ProgressLines
 
-def _size(path: Path) -> int:
+WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2_test.raw"
+EVAL_WINDOWS, EVAL_LEN = 16, 1024
+
+
+def _size(path) -> int:
     path = Path(path)
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _mb(n: int) -> str:
-    return f"{n / 2**20:,.1f} MB"
+def wikitext(tokenizer, path=None):
+    """``(eval_ids, calibration_ids)`` of WikiText-2 test by the data README's convention (evaluation:
+    the first 16 x 1024 tokens; calibration: the second half of the tokens), or ``(None, None)``."""
+    path = Path(path or os.environ.get("QFT_WIKITEXT", WIKITEXT))
+    if not path.is_file():
+        return None, None
+    ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"))["input_ids"])
+    return ids[: EVAL_WINDOWS * EVAL_LEN], ids[ids.numel() // 2:]
+
+
+def measure(model, tokenizer, num_val: int, wiki_ids) -> dict:
+    """Task accuracy and (with WikiText at hand) perplexity of ``model`` in fp32."""
+    from .evaluate import perplexity, task_accuracy
+
+    out = {"acc": task_accuracy(model, tokenizer, num_val=num_val)}
+    out["wikitext_ppl"] = None if wiki_ids is None else perplexity(model, wiki_ids, EVAL_LEN, EVAL_WINDOWS)
+    return out
+
+
+def qa_qlora(model: str, steps: int, batch_size: int, lr: float, num_val: int, qat_start: int | None,
+             group_size: int, root: Path, export_dir: Path | None = None, progress: bool = True):
+    """Fit the quantization-aware QLoRA recipe; returns ``(module, data, callbacks)``.
+
+    ``qat_start=None`` trains plain QLoRA + PRILoRA (no QAT). With ``export_dir``, the export callback
+    writes the learned grid there at fit end.
+    """
+    import pytorch_lightning as pl
+
+    from .data import QFTDataModule
+    from .export import GPTQExportCallback
+    from .module import CausalLMModule
+    from .prilora import PRILoRACallback
+    from .qat import QATCallback
+    from .quant import QuantScheme
+
+    module = CausalLMModule(model=model, quantization="nf4", adapter="lora", lora_r=8, lora_alpha=16, lr=lr,
+                            warmup_steps=10)
+    data = QFTDataModule(task="synthetic", batch_size=batch_size, num_train=steps * batch_size, num_val=num_val,
+                         seq_len=64)
+    callbacks = [PRILoRACallback(r_start=4, r_end=12, final_sparsity=0.5, interval=10)]
+    if qat_start is not None:
+        callbacks.append(QATCallback(weight=QuantScheme(bits=4, group_size=group_size), start_step=qat_start,
+                                     range_learning=True))
+    if export_dir is not None:
+        callbacks.append(GPTQExportCallback(export_dir, progress=False))
+    if progress:
+        callbacks.append(ProgressLines(every=10))
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, default_root_dir=root, callbacks=callbacks,
+                         limit_val_batches=2, val_check_interval=steps, log_every_n_steps=10,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    return module, data, callbacks
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="qft-demo", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=160)
+    p.add_argument("--qat-start", type=int, default=100, help="optimizer step from which QAT is on")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--num-val", type=int, default=100, help="held-out problems for accuracy")
-    p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64, help="64 divides SmolLM2's 576 and 1536 (128 does not)")
     p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--merge-into", default="original", choices=["original", "dequantized_nf4"],
-                   help="merge into the released fp base (default, Hugging Face's recipe) or into the dequantized "
-                        "NF4 base the adapters were trained on (measured: 92%% int4 vs 82%%, BENCHMARKS.md)")
+    p.add_argument("--calib-len", type=int, default=64)
+    p.add_argument("--wikitext", default=None, help=f"WikiText-2 test file (default {WIKITEXT}, if present)")
     p.add_argument("--out", default=None, help="run directory (default runs/demo-<time>; must not exist)")
     args = p.parse_args(argv)
+    if not 0 <= args.qat_start < args.steps:
+        raise ValueError(f"--qat-start {args.qat_start}: must be in [0, --steps={args.steps}).")
+
+    import pytorch_lightning as pl
 
     from . import models
-    from .data import QFTDataModule
-    from .evaluate import task_accuracy
-    from .export import load_quantized
-    from .export.callback import GPTQExportCallback
-    from .module import CausalLMModule
-    from .prilora import PRILoRACallback
+    from .export import calibration_mix, load_quantized
+    from .export.calibration import model_max_length
+    from .export.config import GPTQConfig
+    from .export.pipeline import export
+    from .layers import fake_quant_disabled
 
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists():
         raise FileExistsError(f"--out {str(out)!r} already exists; qft never overwrites a result. Pick another.")
     t_start = time.perf_counter()
     pl.seed_everything(0, verbose=False)
+    tok = models.load_tokenizer(args.model)
+    wiki_eval, wiki_calib = wikitext(tok, args.wikitext)
 
-    print(f"[1/4] base model {args.model}: accuracy on {args.num_val} held-out additions ...", flush=True)
-    base, tok = models.load(args.model)
-    acc_base = task_accuracy(base, tok, num_val=args.num_val)
+    print(f"[1/5] base model {args.model}: accuracy on {args.num_val} held-out additions ...", flush=True)
+    base = models.load_model(args.model)
+    acc_base = measure(base, tok, args.num_val, None)["acc"]
     del base
 
-    print(f"[2/4] NF4 QLoRA + PRILoRA fine-tune, {args.steps} steps of {args.batch_size} ...", flush=True)
-    module = CausalLMModule(model=args.model, quantization="nf4", adapter="lora", lora_r=8, lora_alpha=16,
-                            lr=args.lr, warmup_steps=10)
-    data = QFTDataModule(task="synthetic", batch_size=args.batch_size, num_train=args.steps * args.batch_size,
-                         num_val=args.num_val, seq_len=64)
-    prilora = PRILoRACallback(r_start=4, r_end=12, final_sparsity=0.5, interval=10)
-    export_dir = out / "gptq-int4"
-    exporter = GPTQExportCallback(export_dir, bits=args.bits, group_size=args.group_size, calibration=data,
-                                  n_samples=args.calib_samples, seq_len=64, merge_into=args.merge_into,
-                                  progress=False)
-    trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, default_root_dir=out,
-                         callbacks=[prilora, exporter], limit_val_batches=2, val_check_interval=args.steps,
-                         log_every_n_steps=10, enable_progress_bar=False, enable_model_summary=False)
+    print(f"[2/5] quantization-aware QLoRA: NF4 + PRILoRA, {args.steps} steps of {args.batch_size}, QAT on the "
+          f"merged weight (int4 g{args.group_size}) from step {args.qat_start}; the export writes its grid ...",
+          flush=True)
+    qft_dir, hf_dir = out / "qft-int4", out / "hf-recipe-int4"
     t_fit = time.perf_counter()
-    trainer.fit(module, data)  # GPTQExportCallback merges and quantizes at fit end
+    module, data, callbacks = qa_qlora(args.model, args.steps, args.batch_size, args.lr, args.num_val,
+                                       args.qat_start, args.group_size, out, export_dir=qft_dir)
     fit_s = time.perf_counter() - t_fit
+    qft_summary = next(cb for cb in callbacks if hasattr(cb, "checkpoint_path")).summary
 
-    print("[3/4] accuracy of the fine-tuned QLoRA model ...", flush=True)
-    acc_qlora = task_accuracy(module.model, module.tokenizer, num_val=args.num_val)
+    print("[3/5] the fine-tuned QLoRA model (fake-quant off: NF4 + adapters) ...", flush=True)
+    with fake_quant_disabled(module.model):
+        qlora = measure(module.model, tok, args.num_val, wiki_eval)
 
-    print("[4/4] accuracy of the exported GPTQ int4 checkpoint (pure torch) ...", flush=True)
-    qmodel = load_quantized(exporter.checkpoint_path)
-    acc_int4 = task_accuracy(qmodel, models.load_tokenizer(str(exporter.checkpoint_path)), num_val=args.num_val)
+    print("[4/5] Hugging Face's recipe from the same adapters: merge into the original fp base, GPTQ int4 ...",
+          flush=True)
+    calib = calibration_mix(data, wiki_calib, tok, args.calib_samples, args.calib_len, 0.5,
+                            max_length=model_max_length(module.model))
+    cfg = GPTQConfig(bits=4, group_size=args.group_size)
+    hf_summary = export(module.model, tok, calib, hf_dir, cfg, base_name=args.model, merge_into="original",
+                        qat_grid="resolve", progress=False)
 
-    base_file = models.smollm2_path() / "model.safetensors" if args.model == "smollm2-135m" else None
-    rows = [
-        ("base (fp32)", acc_base, _size(base_file) if base_file else None, str(base_file or args.model)),
-        ("QLoRA NF4 + PRILoRA", acc_qlora, _size(module.adapter_dir), f"{module.adapter_dir} (adapters)"),
-        (f"GPTQ int{args.bits} g{args.group_size} export", acc_int4, _size(exporter.checkpoint_path),
-         str(exporter.checkpoint_path)),
-    ]
+    print("[5/5] the exported checkpoints, run in pure torch ...", flush=True)
+    exports = {}
+    for road, path, summary in (("hf_recipe", hf_dir, hf_summary), ("qft", qft_dir, qft_summary)):
+        q = load_quantized(path, dtype=torch.float32)
+        exports[road] = {**measure(q, tok, args.num_val, wiki_eval), "bytes": _size(path), "path": str(path.resolve()),
+                         "export_s": round(summary["seconds"], 1)}
+        del q
+
+    summary = {"model": args.model, "acc_base": acc_base, "acc_qlora": qlora["acc"],
+               "wikitext_ppl_qlora": qlora["wikitext_ppl"], "steps": args.steps, "qat_start": args.qat_start,
+               "group_size": args.group_size, "calibration": "task+wikitext" if wiki_calib is not None else "task",
+               "fit_s": round(fit_s, 1), "exports": exports, "adapter_dir": module.adapter_dir,
+               "seconds": round(time.perf_counter() - t_start, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _print_table(summary, out)
+    return summary
+
+
+def _print_table(s: dict, out: Path) -> None:
+    ppl = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    rows = [("base (fp32)", s["acc_base"], None, None),
+            ("QLoRA NF4 + PRILoRA (trained)", s["acc_qlora"], s["wikitext_ppl_qlora"], None),
+            ("int4: Hugging Face's recipe", s["exports"]["hf_recipe"]["acc"], s["exports"]["hf_recipe"]["wikitext_ppl"],
+             s["exports"]["hf_recipe"]["bytes"]),
+            ("int4: qft quantization-aware", s["exports"]["qft"]["acc"], s["exports"]["qft"]["wikitext_ppl"],
+             s["exports"]["qft"]["bytes"])]
     print()
-    print(f"{'model':<28}{'accuracy':>10}{'on disk':>14}  artefact")
-    for name, acc, size, where in rows:
-        print(f"{name:<28}{acc:>10.1%}{_mb(size) if size else '-':>14}  {where}")
-    drift = (exporter.summary or {}).get("drift")
-    if drift:
-        print(f"\nmerge drift vs the trained QLoRA model: {drift}")
-    print(f"fit {fit_s:.0f} s (incl. export), total {time.perf_counter() - t_start:.0f} s; run dir {out}")
-    return {"acc_base": acc_base, "acc_qlora": acc_qlora, "acc_int4": acc_int4, "out": str(out)}
+    print(f"{'model':<32}{'accuracy':>10}{'WikiText-2 ppl':>16}{'on disk':>12}")
+    for name, acc, p, size in rows:
+        print(f"{name:<32}{acc:>10.1%}{ppl(p):>16}{'-' if size is None else f'{size / 2**20:.1f} MB':>12}")
+    print(f"\n(hf recipe: merge into the original fp weights + GPTQ, {s['calibration']} calibration; qft: the grid "
+          f"QAT learned, written as is)\nfit {s['fit_s']:.0f} s, total {s['seconds']:.0f} s; "
+          f"summary in {out / 'summary.json'}")
 
 
 if __name__ == "__main__":

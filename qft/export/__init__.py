@@ -7,14 +7,14 @@ Pieces: ``config.GPTQConfig`` (knobs), ``gptq`` (the solve), ``calibration`` (to
 ``cli`` (``qft export``).
 """
 from .blocks import find_decoder_blocks
-from .calibration import CalibrationError, calibration_tokens
+from .calibration import CalibrationError, calibration_mix, calibration_tokens
 from .checkpoint import save_quantized
 from .config import GPTQConfig
 from .gptq import QuantizedWeight, gptq_solve, rtn_solve
 from .load import load_quantized
 from .sequential import quantize_model
 
-__all__ = ["GPTQConfig", "GPTQExportCallback", "CalibrationError", "calibration_tokens", "save_quantized", "QuantizedWeight", "gptq_solve",
+__all__ = ["GPTQConfig", "GPTQExportCallback", "CalibrationError", "calibration_mix", "calibration_tokens", "save_quantized", "QuantizedWeight", "gptq_solve",
            "rtn_solve", "load_quantized", "find_decoder_blocks", "quantize_model"]
 
 

@@ -129,3 +129,28 @@ def calibration_tokens(source: Any, tokenizer=None, n_samples: int = DEFAULT_N_S
     stride = max(stride, seq_len)
     starts = [k * stride for k in range(n_samples)]
     return torch.stack([stream[s:s + seq_len] for s in starts])
+
+
+def calibration_mix(task: Any, general: Any = None, tokenizer=None, n_samples: int = DEFAULT_N_SAMPLES,
+                    seq_len: int = DEFAULT_SEQ_LEN, general_fraction: float = 0.5,
+                    max_length: int | None = None) -> torch.Tensor:
+    """Calibration windows from the task mixed with general text: ``round(n_samples * general_fraction)``
+    windows of ``general``, the rest of ``task``, each source cut into evenly spaced windows.
+
+    Why mix: GPTQ minimises the output error on the calibration inputs only, so a set of task prompts
+    alone lets the solve spend the grid on the task and lose the base model's general ability (measured
+    on the demo in BENCHMARKS.md). Mixing in general text is common practice. ``general=None`` gives
+    the task windows alone; both sources take any form ``calibration_tokens`` accepts (a 2-D tensor is
+    read as a stream here, so both parts share ``seq_len``).
+    """
+    if general is None:
+        return calibration_tokens(task, tokenizer, n_samples, seq_len, max_length)
+    if isinstance(general_fraction, bool) or not isinstance(general_fraction, (int, float)) \
+            or not 0.0 <= general_fraction <= 1.0:
+        raise CalibrationError(f"general_fraction={general_fraction!r} must be a number in [0, 1] (0.5: half of the "
+                               "windows from general text).")
+    n_general = round(n_samples * general_fraction)
+    flat = lambda s: s.reshape(-1) if isinstance(s, torch.Tensor) else s  # noqa: E731
+    parts = [calibration_tokens(flat(src), tokenizer, n, seq_len, max_length)
+             for src, n in ((task, n_samples - n_general), (general, n_general)) if n > 0]
+    return torch.cat(parts)

@@ -1,6 +1,7 @@
 """``GPTQExportCallback``: merge + GPTQ + HF checkpoint at the end of ``trainer.fit``."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -8,7 +9,8 @@ import torch
 
 from qft import hooks
 
-from .calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, CalibrationError, calibration_tokens, model_max_length
+from .calibration import (DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, CalibrationError, calibration_mix, calibration_tokens,
+                          model_max_length)
 from .checkpoint import check_output_dir
 from .config import GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, check_merge_into
@@ -33,6 +35,9 @@ class GPTQExportCallback(pl.Callback):
             ``"resolve"`` solves a new grid from the merged weights.
         calibration: a text file, a list of strings, a token tensor, or a DataModule; ``None`` uses the
             trainer's DataModule.
+        general_calibration, general_fraction: general text (a file, strings or tokens) that supplies
+            ``general_fraction`` of the windows, the task the rest (``qft.export.calibration_mix``): the
+            solve then keeps the base model's general ability, not only the task. None: task only.
         n_samples, seq_len: calibration windows (``seq_len`` capped at the model's context).
         merge_into: the base of frozen layers: ``"trained"`` (the one the adapters trained on, e.g. the
             dequantized NF4 base) or ``"original"`` (reload the released fp weights); see
@@ -61,7 +66,8 @@ class GPTQExportCallback(pl.Callback):
                  desc_act: bool = _D.desc_act, static_groups: bool = _D.static_groups,
                  act_group_aware: bool | None = None, true_sequential: bool = _D.true_sequential,
                  damp_percent: float = _D.damp_percent, hessian_dtype: str = _D.hessian_dtype, mse: bool = _D.mse,
-                 method: str = _D.method, qat_grid: str = "keep", calibration=None,
+                 method: str = _D.method, qat_grid: str = "keep", calibration=None, general_calibration=None,
+                 general_fraction: float = 0.5,
                  n_samples: int = DEFAULT_N_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
                  merge_into: str = DEFAULT_MERGE_INTO, backend: str = "qft", device=None, dtype: str = "auto",
                  overwrite: bool = False, measure_drift: bool = True, progress: bool = True, save_dtype: str = "auto"):
@@ -84,7 +90,14 @@ class GPTQExportCallback(pl.Callback):
         self.output_dir = Path(output_dir)
         self.overwrite = overwrite
         check_output_dir(self.output_dir, overwrite)
+        if isinstance(general_calibration, (str, os.PathLike)) and not Path(general_calibration).is_file():
+            raise FileNotFoundError(f"GPTQExportCallback(general_calibration={str(general_calibration)!r}): no such "
+                                    "file; pass a text file of general text (e.g. WikiText), or None.")
+        if isinstance(general_fraction, bool) or not isinstance(general_fraction, (int, float)) \
+                or not 0 <= general_fraction <= 1:
+            raise ValueError(f"GPTQExportCallback(general_fraction={general_fraction!r}): a number in [0, 1].")
         self.calibration, self.n_samples, self.seq_len = calibration, n_samples, seq_len
+        self.general_calibration, self.general_fraction = general_calibration, general_fraction
         self.backend, self.device, self.dtype, self.save_dtype = backend, device, dtype, save_dtype
         self.measure_drift, self.progress = measure_drift, progress
         self.tokens: torch.Tensor | None = None
@@ -110,8 +123,8 @@ class GPTQExportCallback(pl.Callback):
             source = getattr(getattr(self, "_trainer", None), "datamodule", None)
         tokenizer = getattr(pl_module, "tokenizer", None)
         if needs_calibration(model, self.config, self.qat_grid):
-            self.tokens = calibration_tokens(source, tokenizer, self.n_samples, self.seq_len,
-                                             max_length=model_max_length(model))
+            self.tokens = calibration_mix(source, self.general_calibration, tokenizer, self.n_samples, self.seq_len,
+                                          self.general_fraction, max_length=model_max_length(model))
             return
         # The learned grid is written as is: tokens serve only the drift check (qft.export.merge.drift),
         # which reads at most 4 x 256 of them; without enough data it is skipped, never an error.

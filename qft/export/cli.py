@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, CalibrationError, calibration_tokens, model_max_length
+from .calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, CalibrationError, calibration_mix, model_max_length
 from .checkpoint import check_output_dir
 from .config import HESSIAN_DTYPES, SUPPORTED_BITS, GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, MERGE_INTO, check_merge_into
@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="checkpoint directory to write (must not exist)")
     parser.add_argument("--calibration", help="calibration text file (not needed when QAT's grid is kept for "
                                               "every layer)")
+    parser.add_argument("--general-calibration", help="general text file mixed into the calibration set, so the "
+                                                      "solve keeps the base model's general ability")
+    parser.add_argument("--general-fraction", type=float, default=0.5,
+                        help="share of calibration windows from --general-calibration (default 0.5)")
     parser.add_argument("--n-samples", type=int, default=DEFAULT_N_SAMPLES)
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
     parser.add_argument("--bits", type=int, default=None, choices=SUPPORTED_BITS,
@@ -107,15 +111,18 @@ def run(args) -> dict:
     check_merge_into(args.merge_into, "qft export")
     check_backend(args.backend)
     check_output_dir(args.output, args.overwrite)
-    if args.calibration is not None and not Path(args.calibration).is_file():
-        raise FileNotFoundError(f"--calibration {args.calibration}: no such file (a text file is expected).")
+    for flag, value in (("--calibration", args.calibration), ("--general-calibration", args.general_calibration)):
+        if value is not None and not Path(value).is_file():
+            raise FileNotFoundError(f"{flag} {value}: no such file (a text file is expected).")
+    if not 0 <= args.general_fraction <= 1:
+        raise ValueError(f"--general-fraction {args.general_fraction}: a number in [0, 1].")
     load = _from_ckpt if args.ckpt else _from_adapter
     model, tok, base_name, masks = load(args.ckpt or args.adapter, args.model, args.merge_into)
     cfg = export_config(model, args.qat_grid, **grid, **solver)
     tokens = None
     if args.calibration is not None:
-        tokens = calibration_tokens(args.calibration, tok, args.n_samples, args.seq_len,
-                                    max_length=model_max_length(model))
+        tokens = calibration_mix(args.calibration, args.general_calibration, tok, args.n_samples, args.seq_len,
+                                 args.general_fraction, max_length=model_max_length(model))
     elif needs_calibration(model, cfg, args.qat_grid):
         raise CalibrationError("qft export: --calibration is required (GPTQ solves layers QAT did not train).")
     summary = export(model, tok, tokens, args.output, cfg, base_name=base_name, merge_into=args.merge_into,

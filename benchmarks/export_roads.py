@@ -1,0 +1,121 @@
+"""Every road from one fine-tune to a deployed int4 checkpoint, measured side by side on SmolLM2-135M.
+
+    python benchmarks/export_roads.py --out roads.json [--steps 160] [--qat-start 100] [--num-val 100]
+
+Two fine-tunes of the demo's task (``qft.demo.qa_qlora``: NF4 QLoRA + PRILoRA 4->12, 160 steps x 16):
+
+- ``qa_qlora``: with QAT on the merged weight from ``--qat-start`` (the ``make demo`` recipe);
+- ``qlora``: the same without QAT.
+
+For each, every export road is written (int4, group 64) and its checkpoint is run in pure torch for the
+task accuracy (exact match on the held-out additions) and WikiText-2 perplexity (first 16 x 1024 tokens
+of ``../shared/data/wikitext2_test.raw``). Roads:
+
+- ``original+gptq``: merge into the original fp base, GPTQ (Hugging Face's recipe);
+- ``trained+gptq``: merge into the base the adapters trained on (dequantized NF4), GPTQ;
+- ``qat_keep``: the grid QAT learned, written as is (``qat_grid="keep"``); QAT run only;
+- ``qat_refine``: the learned scales, codes re-solved by GPTQ (``qat_grid="refine"``); QAT run only.
+
+GPTQ calibrates on ``--calib-samples`` x ``--calib-len`` tokens: the task mixed half and half with
+WikiText-2 windows from the second half of its tokens (``mix``), or the task alone (``task``, shown for
+``original+gptq`` to separate the calibration's share of the WikiText loss). Reference rows locate where
+the general-text loss comes from: the base (fp32, and its NF4 rounding), the trained model (fake-quant off
+and on), and the merged fp models before any int4 rounding.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=160)
+    ap.add_argument("--qat-start", type=int, default=100)
+    ap.add_argument("--num-val", type=int, default=100)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-len", type=int, default=64)
+    ap.add_argument("--runs", default="qa_qlora,qlora")
+    ap.add_argument("--model", default="smollm2-135m", help="tiny-llama for a quick check of the script")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+
+    import pytorch_lightning as pl
+
+    from qft import models
+    from qft.demo import measure, qa_qlora, wikitext
+    from qft.export import GPTQConfig, calibration_mix, load_quantized
+    from qft.export.merge import merge_adapters
+    from qft.export.pipeline import export
+    from qft.layers import adapters_disabled, fake_quant_disabled
+
+    tok = models.load_tokenizer(a.model)
+    wiki_eval, wiki_calib = wikitext(tok)
+    if wiki_eval is None:
+        sys.exit("needs ../shared/data/wikitext2_test.raw")
+    result = {"command": shlex.join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+              "torch_threads": torch.get_num_threads(), "rows": []}
+    work = Path(tempfile.mkdtemp(prefix="export-roads-"))
+
+    def row(run, road, model=None, path=None, **extra):
+        t = time.perf_counter()
+        m = load_quantized(path, dtype=torch.float32) if path is not None else model
+        r = {"run": run, "road": road, **measure(m, tok, a.num_val, wiki_eval), **extra}
+        if path is not None:
+            r["bytes"] = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        r["eval_s"] = round(time.perf_counter() - t, 1)
+        result["rows"].append(r)
+        print(json.dumps(r), flush=True)
+        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+
+    base = models.load_model(a.model)
+    row("base", "fp32", base)
+    del base
+    for run in a.runs.split(","):
+        pl.seed_everything(0, verbose=False)
+        t = time.perf_counter()
+        qat_start = a.qat_start if run == "qa_qlora" else None
+        module, data, callbacks = qa_qlora(a.model, a.steps, 16, 2e-3, a.num_val, qat_start, a.group_size,
+                                           work / run, progress=False)
+        result[f"fit_s_{run}"] = round(time.perf_counter() - t, 1)
+        trained = module.model
+        with fake_quant_disabled(trained):
+            if run == "qlora":
+                with adapters_disabled(trained):
+                    row(run, "nf4 base (adapters off)", trained)
+            row(run, "trained (fake-quant off)", trained)
+        if run == "qa_qlora":
+            row(run, "trained (fake-quant on)", trained)
+        for merge_into in ("original", "trained"):
+            with fake_quant_disabled(trained):
+                row(run, f"{merge_into} merge, fp32", merge_adapters(trained, a.model, merge_into))
+        mix = calibration_mix(data, wiki_calib, tok, a.calib_samples, a.calib_len, 0.5)
+        task = calibration_mix(data, None, tok, a.calib_samples, a.calib_len)
+        cfg = GPTQConfig(bits=4, group_size=a.group_size)
+        roads = [("original+gptq", "original", "resolve", mix, "mix"), ("original+gptq", "original", "resolve", task,
+                                                                          "task"),
+                 ("trained+gptq", "trained", "resolve", mix, "mix")]
+        if run == "qa_qlora":
+            roads += [("qat_keep", "trained", "keep", None, None), ("qat_refine", "trained", "refine", mix, "mix")]
+        for road, merge_into, qat_grid, calib, calib_name in roads:
+            path = work / run / f"{road}-{calib_name}"
+            s = export(trained, tok, calib, path, cfg, base_name=a.model, merge_into=merge_into,
+                       qat_grid=qat_grid, progress=False)
+            row(run, road, path=path, calibration=calib_name, export_s=round(s["seconds"], 1),
+                drift_kl=(s.get("export_drift") or {}).get("kl"))
+        del module, trained
+
+
+if __name__ == "__main__":
+    main()
