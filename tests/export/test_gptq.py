@@ -154,3 +154,21 @@ def test_config_from_the_qat_scheme_shares_its_grid():
         GPTQConfig.from_scheme(scheme, bits=4)
     with pytest.raises(ValueError, match="per_token"):
         GPTQConfig.from_scheme(QuantScheme(granularity="per_token", dynamic=True))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(act_group_aware=False), dict(desc_act=True)])
+def test_given_grid_is_kept_and_only_the_codes_are_solved(kw):
+    """GPTQ refinement of a learned grid: scales and zeros stay exactly as given, the codes beat rounding."""
+    W, H = problem()
+    cfg = GPTQConfig(bits=4, group_size=64, **kw)
+    grid = rtn_solve(W * 1.1, cfg)  # a grid fitted elsewhere (as QAT learns one), not W's min-max
+    q = gptq_solve(W, H, cfg, grid=(grid.scale, grid.zero))
+    assert torch.equal(q.scale, grid.scale) and torch.equal(q.zero, grid.zero)
+    assert torch.equal(q.g_idx, torch.arange(W.shape[1], dtype=torch.int32) // 64)  # natural groups
+    from qft.quant.grid import expand_groups, quantize
+
+    nearest = quantize(W, expand_groups(grid.scale, 256), expand_groups(grid.zero, 256), 15)
+    deq_nearest = expand_groups(grid.scale, 256) * (nearest - expand_groups(grid.zero, 256))
+    assert q.rel_error < 0.8 * relative_output_error(W, deq_nearest, H)
+    with pytest.raises(ValueError, match="do not fit"):
+        gptq_solve(W, H, GPTQConfig(bits=4, group_size=32), grid=(grid.scale, grid.zero))

@@ -1,7 +1,7 @@
 """transformers + gptqmodel load a qft checkpoint and agree with qft.load_quantized.
 
-Needs the ``interop`` extra (gptqmodel, optimum; torch>=2.14.1), which the default venv lacks; run it from
-an interop venv: ``/work/venv-interop/bin/python -m pytest tests/export/test_interop.py``.
+Needs the ``interop`` extra (gptqmodel, optimum; torch>=2.14.1), which the default venv lacks; ``make interop``
+builds ``.venv-interop`` and runs these tests there.
 """
 import importlib.util
 import os
@@ -56,3 +56,35 @@ def test_backend_gptqmodel_writes_a_checkpoint_load_quantized_reads(tmp_path, ca
             outs[backend] = load_quantized(tmp_path / backend, dtype=torch.float32)(x).logits
     cos = torch.nn.functional.cosine_similarity(outs["qft"].flatten(), outs["gptqmodel"].flatten(), dim=0)
     assert cos > 0.95
+
+
+def test_qat_learned_grid_loads_in_transformers_gptqmodel(tmp_path, tokenizer):
+    """Quantization-aware QLoRA (NF4 + LoRA, QAT on the merged weight) exported on its learned grid: the
+    checkpoint runs in transformers + gptqmodel and computes what the fake-quant model computed."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from transformers import AutoModelForCausalLM
+
+    from qft.export.pipeline import export, export_config
+    from qft.module import CausalLMModule
+    from qft.qat import QATConfig, prepare
+    from qft.quant import QuantScheme
+
+    module = CausalLMModule(model="tiny-llama", quantization="nf4", adapter="lora", compute_dtype="float32", lora_r=4)
+    module.configure_model()
+    g = torch.Generator().manual_seed(0)
+    for n, p in module.model.named_parameters():
+        if "lora_B" in n:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    prepare(module.model, QATConfig(weight=QuantScheme(bits=4, group_size=64)))
+    model = module.model.eval()
+    summary = export(model, tokenizer, None, tmp_path / "ck", export_config(model), base_name="tiny-llama",
+                     progress=False)
+    assert summary["qat_grid"] == "keep" and summary["learned_layers"] == 4 * 7
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ck"), device_map="cpu", dtype=torch.bfloat16)
+    assert "gptqmodel" in type(hf.model.layers[0].self_attn.q_proj).__module__
+    x = torch.randint(0, 5000, (2, 32), generator=g)
+    with torch.no_grad():
+        a, b = hf(x).logits.float(), model(input_ids=x).logits.float()
+    assert (a - b).abs().max() <= 0.02 * b.abs().max() + 0.02
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
