@@ -318,10 +318,17 @@ class SplitHessian:
         """``(W H_task + W_anchor H_general) (H_task + H_general)^-1``, damped as the solve is."""
         Ht, Hg = (p.H.to(torch.float32) for p in self.parts)
         Hs = Ht + Hg
-        Hs = Hs + torch.eye(Hs.shape[0], device=Hs.device) * (damp * Hs.diagonal().mean().clamp_min(1e-12))
+        dead = Hs.diagonal() == 0  # inputs never seen: keep the model's own weight there
+        Hs[dead, dead] = 1.0
+        Ht[dead, dead] = 1.0
         rhs = Ht @ W.to(Hs).t() + Hg @ W_anchor.to(Hs).t()  # [in, out]
-        L = torch.linalg.cholesky(Hs)
-        return torch.cholesky_solve(rhs, L).t().contiguous()
+        eye = torch.eye(Hs.shape[0], device=Hs.device)
+        mean = Hs.diagonal().mean()
+        while True:  # as the solve does: more damping until the factorisation succeeds
+            L, info = torch.linalg.cholesky_ex(Hs + eye * (damp * mean))
+            if int(info) == 0:
+                return torch.cholesky_solve(rhs, L).t().contiguous()
+            damp += 0.0025
 
 
 def _tail_matches(block, first, shortcut, tol: float = 2e-2) -> bool:
