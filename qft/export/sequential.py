@@ -315,19 +315,22 @@ class SplitHessian:
         return (self.parts[0].H + self.parts[1].H) * (2.0 / self.n_tokens)
 
     def blend(self, W: torch.Tensor, W_anchor: torch.Tensor, damp: float) -> torch.Tensor:
-        """``(W H_task + W_anchor H_general) (H_task + H_general)^-1``, damped as the solve is."""
+        """The weight minimising ``||(Q-W) X_task||^2 + ||(Q-W_anchor) X_general||^2 + lam ||Q-W||^2``:
+        ``W* = (W H_task + W_anchor H_general + lam W) (H_task + H_general + lam I)^-1``. The small ridge
+        ``lam`` (``damp`` of the mean diagonal, raised until the factorisation succeeds, as the solve does)
+        keeps directions no calibration input reached at the model's own weight; with ``W_anchor == W``
+        the blend is ``W`` itself."""
         Ht, Hg = (p.H.to(torch.float32) for p in self.parts)
         Hs = Ht + Hg
-        dead = Hs.diagonal() == 0  # inputs never seen: keep the model's own weight there
-        Hs[dead, dead] = 1.0
-        Ht[dead, dead] = 1.0
-        rhs = Ht @ W.to(Hs).t() + Hg @ W_anchor.to(Hs).t()  # [in, out]
+        Wf = W.to(Hs).t()
+        rhs = Ht @ Wf + Hg @ W_anchor.to(Hs).t()  # [in, out]
         eye = torch.eye(Hs.shape[0], device=Hs.device)
-        mean = Hs.diagonal().mean()
-        while True:  # as the solve does: more damping until the factorisation succeeds
-            L, info = torch.linalg.cholesky_ex(Hs + eye * (damp * mean))
+        mean = Hs.diagonal().mean().clamp_min(1e-12)
+        while True:
+            lam = damp * mean
+            L, info = torch.linalg.cholesky_ex(Hs + eye * lam)
             if int(info) == 0:
-                return torch.cholesky_solve(rhs, L).t().contiguous()
+                return torch.cholesky_solve(rhs + lam * Wf, L).t().contiguous()
             damp += 0.0025
 
 
