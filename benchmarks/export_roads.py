@@ -42,6 +42,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+# (name, merge_into, qat_grid, general_fraction (None: no calibration, 0: task only), general_target)
+ROADS = [("original+gptq", "original", "resolve", 0.0, "trained"),
+         ("original+gptq", "original", "resolve", 0.5, "trained"),
+         ("trained+gptq", "trained", "resolve", 0.5, "trained"),
+         ("trained+gptq", "trained", "resolve", 0.5, "base"),
+         ("qat_keep", "trained", "keep", None, "trained"),
+         ("qat_refine", "trained", "refine", 0.5, "base"),
+         ("qat_refine", "trained", "refine", 0.25, "base")]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -52,6 +62,9 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-len", type=int, default=64)
     ap.add_argument("--runs", default="qa_qlora,qlora")
+    ap.add_argument("--roads", default=",".join(dict.fromkeys(r[0] for r in ROADS)), help="road names to export")
+    ap.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the base, the trained model and the fp merges")
     ap.add_argument("--model", default="smollm2-135m", help="tiny-llama for a quick check of the script")
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -84,9 +97,22 @@ def main():
         print(json.dumps(r), flush=True)
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
 
-    base = models.load_model(a.model)
-    row("base", "fp32", base)
-    del base
+    def references(run, trained):
+        with fake_quant_disabled(trained):
+            if run == "qlora":
+                with adapters_disabled(trained):
+                    row(run, "nf4 base (adapters off)", trained)
+            row(run, "trained (fake-quant off)", trained)
+            for merge_into in ("original", "trained"):
+                row(run, f"{merge_into} merge, fp32", merge_adapters(trained, a.model, merge_into))
+        if run == "qa_qlora":
+            row(run, "trained (fake-quant on)", trained)
+
+    wanted = set(a.roads.split(","))
+    if a.references:
+        base = models.load_model(a.model)
+        row("base", "fp32", base)
+        del base
     for run in a.runs.split(","):
         pl.seed_everything(0, verbose=False)
         t = time.perf_counter()
@@ -95,34 +121,21 @@ def main():
                                            work / run, progress=False)
         result[f"fit_s_{run}"] = round(time.perf_counter() - t, 1)
         trained = module.model
-        with fake_quant_disabled(trained):
-            if run == "qlora":
-                with adapters_disabled(trained):
-                    row(run, "nf4 base (adapters off)", trained)
-            row(run, "trained (fake-quant off)", trained)
-        if run == "qa_qlora":
-            row(run, "trained (fake-quant on)", trained)
-        for merge_into in ("original", "trained"):
-            with fake_quant_disabled(trained):
-                row(run, f"{merge_into} merge, fp32", merge_adapters(trained, a.model, merge_into))
-        mix = calibration_mix(data, wiki_calib, tok, a.calib_samples, a.calib_len, 0.5)
-        task = calibration_mix(data, None, tok, a.calib_samples, a.calib_len)
+        if a.references:
+            references(run, trained)
         cfg = GPTQConfig(bits=4, group_size=a.group_size)
-        n_general = a.calib_samples // 2
-        roads = [("original+gptq", "original", "resolve", task, "task", "trained"),
-                 ("original+gptq", "original", "resolve", mix, "mix", "trained"),
-                 ("trained+gptq", "trained", "resolve", mix, "mix", "trained"),
-                 ("trained+gptq", "trained", "resolve", mix, "mix", "base")]
-        if run == "qa_qlora":
-            roads += [("qat_keep", "trained", "keep", None, None, "trained"),
-                      ("qat_refine", "trained", "refine", mix, "mix", "trained"),
-                      ("qat_refine", "trained", "refine", mix, "mix", "base")]
-        for road, merge_into, qat_grid, calib, calib_name, target in roads:
-            path = work / run / f"{road}-{calib_name}-{target}"
+        for road in (r for r in ROADS if r[0] in wanted and (run == "qa_qlora" or r[2] == "resolve")):
+            name, merge_into, qat_grid, fraction, target = road
+            calib = None
+            if fraction is not None:
+                calib = calibration_mix(data, wiki_calib if fraction else None, tok, a.calib_samples, a.calib_len,
+                                        fraction)
+            n_general = round(a.calib_samples * fraction) if fraction else 0
+            path = work / run / f"{name}-{fraction}-{target}"
             s = export(trained, tok, calib, path, cfg, base_name=a.model, merge_into=merge_into, qat_grid=qat_grid,
-                       progress=False, general_rows=n_general if calib_name == "mix" else 0, general_target=target)
-            row(run, road, path=path, calibration=calib_name, general_target=target, export_s=round(s["seconds"], 1),
-                drift_kl=(s.get("export_drift") or {}).get("kl"))
+                       progress=False, general_rows=n_general, general_target=target)
+            row(run, name, path=path, general_fraction=fraction, general_target=target,
+                export_s=round(s["seconds"], 1), drift_kl=(s.get("export_drift") or {}).get("kl"))
         del module, trained
 
 

@@ -87,7 +87,7 @@ def group_params(w: torch.Tensor, bits: int, sym: bool, mse: bool = False, grid:
     return s[best, rows], z[best, rows]
 
 
-def _params_for_groups(W: torch.Tensor, cfg: GPTQConfig):
+def params_for_groups(W: torch.Tensor, cfg: GPTQConfig):
     """Per-group ``scale, zero [out, G]`` of ``W`` in its natural column order (groups may end short)."""
     gs = cfg.group_for(W.shape[1])
     scales, zeros = [], []
@@ -103,7 +103,7 @@ def rtn_solve(W: torch.Tensor, cfg: GPTQConfig) -> QuantizedWeight:
     W = W.detach().float()
     in_f = W.shape[1]
     gs = cfg.group_for(in_f)
-    scale, zero = _params_for_groups(W, cfg)
+    scale, zero = params_for_groups(W, cfg)
     g_idx = torch.arange(in_f, device=W.device, dtype=torch.int32) // gs
     g = g_idx.long()
     codes = quantize(W, scale[:, g], zero[:, g], 2**cfg.bits - 1).to(torch.int32)
@@ -191,7 +191,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: 
                              f"{out_f}x{in_f} with group size {gs}.")
         scale_g, zero_g = (t.to(W.device, torch.float32).t().contiguous() for t in grid)
     elif static:  # grid fixed up front from the natural-order weights, as [G, out]
-        scale_g, zero_g = (t.t().contiguous() for t in _params_for_groups(Wt.t(), cfg))
+        scale_g, zero_g = (t.t().contiguous() for t in params_for_groups(Wt.t(), cfg))
     else:
         scale_g = torch.zeros(n_groups(in_f, gs), out_f, device=W.device)
         zero_g = torch.zeros_like(scale_g)

@@ -31,7 +31,7 @@ from torch import nn
 from .blocks import (block_linears, check_model, child_endings, discover_groups, final_children, find_decoder_blocks,
                      replaying, run_block, slice_kwargs)
 from .config import GPTQConfig
-from .gptq import HessianAccumulator, QuantizedWeight, gptq_solve, relative_output_error, rtn_solve
+from .gptq import HessianAccumulator, QuantizedWeight, gptq_solve, params_for_groups, relative_output_error, rtn_solve
 
 
 class _StopForward(Exception):
@@ -99,7 +99,8 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
 
     ``fixed`` maps qualified layer names to grids chosen before (what QAT learned, ``qft.layers.grids``):
     those layers are written as given, with no solve, or with ``refine`` GPTQ re-solves their codes
-    inside the given scales and zeros. The other layers are solved as usual, on inputs that went through
+    inside the given scales and zeros, toward the given grid's own weights (the model QAT trained) on
+    task windows and toward the anchor on general ones (without an anchor that is the given grid again). The other layers are solved as usual, on inputs that went through
     the fixed ones. When every layer is fixed and nothing is refined, no calibration forward runs at all.
 
     ``anchor`` (``{qualified layer name: fp32 weight}``) with ``anchor_rows`` > 0 says that the last
@@ -208,11 +209,14 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                     if given and not refine:
                         qw, method = grid, "qat"
                     else:
-                        W = torch.cat([lins[n].weight for n in names], 0)
+                        # the target on task windows: what was trained (a learned grid is the trained model)
+                        W = grid.dequantize() if given else torch.cat([lins[n].weight for n in names], 0)
+                        keep_grid = (grid.scale, grid.zero) if given else None
                         if blend is not None:
+                            if keep_grid is None:  # fit the grid to the model's weight: a blend may carry outliers
+                                keep_grid = params_for_groups(W.float(), cfg)
                             W = blend(W, torch.cat([anchor[f"{prefix}.{i}.{n}"] for n in names], 0), cfg.damp_percent)
-                        qw = gptq_solve(W, H, cfg, report_error=False,
-                                        grid=(grid.scale, grid.zero) if given else None)
+                        qw = gptq_solve(W, H, cfg, report_error=False, grid=keep_grid)
                         method = "qat+gptq" if given else cfg.method
                     commit(i, names, lins, qw.cpu(), time.perf_counter() - t1 + fwd_s / len(stage),
                            accs[g[0]].n_tokens, H, method=method)

@@ -121,3 +121,36 @@ def test_group_size_not_dividing_in_features_warns():
     with pytest.warns(UserWarning, match="does not divide in_features"):
         q, _ = quantize_model(m, GPTQConfig(group_size=64), torch.randint(0, 256, (4, 32)), progress=False)
     assert q["model.layers.0.self_attn.q_proj"].scale.shape == (96, 2)  # 64 + a short group of 32
+
+
+def test_anchor_keeps_the_anchor_on_general_rows_and_the_model_on_task_rows(tiny, calib_tokens):
+    """Anchored solve: task rows reproduce ``model``, general rows reproduce the anchor's weights.
+
+    The anchor is a different model (another seed); compared with plain GPTQ of ``model`` over the same
+    rows, the anchored export must be closer to the anchor on general inputs, and an anchor equal to the
+    model itself must change nothing."""
+    from qft.models import load_model
+
+    other = load_model("tiny-llama", dtype=torch.float32, seed=1).eval()
+    anchor = {n: m.weight.detach().float() for n, m in other.named_modules() if isinstance(m, nn.Linear)}
+    own = {n: m.weight.detach().float().clone() for n, m in tiny.named_modules() if isinstance(m, nn.Linear)}
+    task = calib_tokens[:, :32]
+    general = torch.randint(5000, 9000, (16, 32), generator=torch.Generator().manual_seed(3))
+    tokens = torch.cat([task, general])
+    cfg = GPTQConfig(bits=4, group_size=64)
+    runs = {}
+    for name, kw in (("plain", {}), ("anchored", dict(anchor=anchor, anchor_rows=16)),
+                     ("self", dict(anchor=own, anchor_rows=16))):
+        m = copy.deepcopy(tiny)
+        q, _ = quantize_model(m, cfg, tokens, batch_size=8, progress=False, **kw)
+        runs[name] = (m, q)
+    layer = "model.layers.0.self_attn.q_proj"  # first layer: its inputs do not depend on earlier solves
+    x_general = runs["plain"][0].model.embed_tokens(general).reshape(-1, 128)  # its input before the norm
+    x_general = tiny.model.layers[0].input_layernorm(x_general)
+    err = {k: ((x_general @ (q[layer].dequantize() - anchor[layer]).t()) ** 2).mean().item()
+           for k, (_, q) in runs.items() if k != "self"}
+    assert err["anchored"] < 0.5 * err["plain"]
+    same = (runs["self"][1][layer].codes == runs["plain"][1][layer].codes).float().mean()
+    assert same > 0.999  # the blend is W itself (fp sums in another order may flip a rare tie)
+    with pytest.raises(ValueError, match="anchor_rows"):
+        quantize_model(copy.deepcopy(tiny), cfg, tokens, progress=False, anchor=anchor, anchor_rows=0)
