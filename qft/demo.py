@@ -3,15 +3,17 @@
 1. accuracy of the base model on held-out 3-digit additions (greedy exact match);
 2. quantization-aware QLoRA (``recipes/qa_qlora.yaml``): NF4 base, PRILoRA adapters (ranks 4 -> 12
    with depth, A pruned by importance), and from ``--qat-start`` on, QAT on the merged weight
-   ``W_nf4 + B@A`` with learned scales; ``GPTQExportCallback`` writes that grid at fit end (no solve);
+   ``W_nf4 + B@A`` (min-max scales, straight-through rounding); at fit end ``GPTQExportCallback`` keeps
+   the learned scales and, with general text at hand, GPTQ re-solves the codes so that task windows
+   reproduce the fine-tune and general text the released base (its measured default);
 3. Hugging Face's recipe from the same adapters: merge into the original fp base, then GPTQ int4;
 4. for the QLoRA model and each exported checkpoint (run in pure torch): task accuracy, WikiText-2
    perplexity (first 16 x 1024 tokens of ``../shared/data/wikitext2_test.raw``, when present) and size;
 5. one table, and ``summary.json`` in the run directory.
 
-GPTQ calibrates on the task mixed half and half with general text (WikiText-2 windows from the second
-half of its tokens, disjoint from the evaluation windows, per ``../shared/data/README.md``) when that
-file is present, else on the task alone.
+Both roads calibrate on the same windows: the task, with a quarter of them from general text
+(WikiText-2 windows from the second half of its tokens, disjoint from the evaluation windows, per
+``../shared/data/README.md``) when that file is present, else the task alone.
 
     python -m qft.demo [--steps 160] [--qat-start 100] [--out runs/demo-<time>]
 """
@@ -56,11 +58,14 @@ def measure(model, tokenizer, num_val: int, wiki_ids) -> dict:
 
 
 def qa_qlora(model: str, steps: int, batch_size: int, lr: float, num_val: int, qat_start: int | None,
-             group_size: int, root: Path, export_dir: Path | None = None, progress: bool = True):
+             group_size: int, root: Path, export_dir: Path | None = None, progress: bool = True,
+             general=None, calib_samples: int = 64, calib_len: int = 64):
     """Fit the quantization-aware QLoRA recipe; returns ``(module, data, callbacks)``.
 
     ``qat_start=None`` trains plain QLoRA + PRILoRA (no QAT). With ``export_dir``, the export callback
-    writes the learned grid there at fit end.
+    writes the int4 checkpoint there at fit end, with its defaults: given ``general`` text (tokens), the
+    learned grid's codes are refined so that task windows keep the fine-tune and general windows the
+    base; without it, the learned grid is written as it is.
     """
     import pytorch_lightning as pl
 
@@ -79,7 +84,8 @@ def qa_qlora(model: str, steps: int, batch_size: int, lr: float, num_val: int, q
     if qat_start is not None:
         callbacks.append(QATCallback(weight=QuantScheme(bits=4, group_size=group_size), start_step=qat_start))
     if export_dir is not None:
-        callbacks.append(GPTQExportCallback(export_dir, progress=False))
+        callbacks.append(GPTQExportCallback(export_dir, progress=False, general_calibration=general,
+                                            n_samples=calib_samples, seq_len=calib_len))
     if progress:
         callbacks.append(ProgressLines(every=10))
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, default_root_dir=root, callbacks=callbacks,
@@ -110,7 +116,7 @@ def main(argv=None) -> dict:
 
     from . import models
     from .export import calibration_mix, load_quantized
-    from .export.calibration import model_max_length
+    from .export.calibration import GENERAL_FRACTION, model_max_length
     from .export.config import GPTQConfig
     from .export.pipeline import export
     from .layers import fake_quant_disabled
@@ -128,23 +134,27 @@ def main(argv=None) -> dict:
     acc_base = measure(base, tok, args.num_val, None)["acc"]
     del base
 
+    road = "refines its codes toward the base on general text" if wiki_calib is not None else "writes it as is"
     print(f"[2/5] quantization-aware QLoRA: NF4 + PRILoRA, {args.steps} steps of {args.batch_size}, QAT on the "
-          f"merged weight (int4 g{args.group_size}) from step {args.qat_start}; the export writes its grid ...",
-          flush=True)
+          f"merged weight (int4 g{args.group_size}) from step {args.qat_start}; the export keeps the learned grid "
+          f"and {road} ...", flush=True)
     qft_dir, hf_dir = out / "qft-int4", out / "hf-recipe-int4"
     t_fit = time.perf_counter()
     module, data, callbacks = qa_qlora(args.model, args.steps, args.batch_size, args.lr, args.num_val,
-                                       args.qat_start, args.group_size, out, export_dir=qft_dir)
+                                       args.qat_start, args.group_size, out, export_dir=qft_dir, general=wiki_calib,
+                                       calib_samples=args.calib_samples, calib_len=args.calib_len)
     fit_s = time.perf_counter() - t_fit
     qft_summary = next(cb for cb in callbacks if hasattr(cb, "checkpoint_path")).summary
 
-    print("[3/5] the fine-tuned QLoRA model (fake-quant off: NF4 + adapters) ...", flush=True)
+    print("[3/5] the fine-tuned model: its QLoRA adapters on NF4 (fake-quant off), and as trained (on) ...",
+          flush=True)
     with fake_quant_disabled(module.model):
         qlora = measure(module.model, tok, args.num_val, wiki_eval)
+    acc_trained = measure(module.model, tok, args.num_val, None)["acc"]
 
     print("[4/5] Hugging Face's recipe from the same adapters: merge into the original fp base, GPTQ int4 ...",
           flush=True)
-    calib = calibration_mix(data, wiki_calib, tok, args.calib_samples, args.calib_len, 0.5,
+    calib = calibration_mix(data, wiki_calib, tok, args.calib_samples, args.calib_len, GENERAL_FRACTION,
                             max_length=model_max_length(module.model))
     cfg = GPTQConfig(bits=4, group_size=args.group_size)
     hf_summary = export(module.model, tok, calib, hf_dir, cfg, base_name=args.model, merge_into="original",
@@ -155,11 +165,13 @@ def main(argv=None) -> dict:
     for road, path, summary in (("hf_recipe", hf_dir, hf_summary), ("qft", qft_dir, qft_summary)):
         q = load_quantized(path, dtype=torch.float32)
         exports[road] = {**measure(q, tok, args.num_val, wiki_eval), "bytes": _size(path), "path": str(path.resolve()),
-                         "export_s": round(summary["seconds"], 1)}
+                         "export_s": round(summary["seconds"], 1), "merge_into": summary["merge_into"],
+                         "qat_grid": summary["qat_grid"], "general_target": summary["general_target"]}
         del q
 
     summary = {"model": args.model, "acc_base": acc_base, "acc_qlora": qlora["acc"],
-               "wikitext_ppl_qlora": qlora["wikitext_ppl"], "steps": args.steps, "qat_start": args.qat_start,
+               "wikitext_ppl_qlora": qlora["wikitext_ppl"], "acc_trained_fake_quant": acc_trained,
+               "steps": args.steps, "qat_start": args.qat_start,
                "group_size": args.group_size, "calibration": "task+wikitext" if wiki_calib is not None else "task",
                "fit_s": round(fit_s, 1), "exports": exports, "adapter_dir": module.adapter_dir,
                "seconds": round(time.perf_counter() - t_start, 1)}
@@ -171,7 +183,8 @@ def main(argv=None) -> dict:
 def _print_table(s: dict, out: Path) -> None:
     ppl = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     rows = [("base (fp32)", s["acc_base"], None, None),
-            ("QLoRA NF4 + PRILoRA (trained)", s["acc_qlora"], s["wikitext_ppl_qlora"], None),
+            ("QLoRA NF4 + PRILoRA adapters", s["acc_qlora"], s["wikitext_ppl_qlora"], None),
+            ("  as trained (fake-quant on)", s["acc_trained_fake_quant"], None, None),
             ("int4: Hugging Face's recipe", s["exports"]["hf_recipe"]["acc"], s["exports"]["hf_recipe"]["wikitext_ppl"],
              s["exports"]["hf_recipe"]["bytes"]),
             ("int4: qft quantization-aware", s["exports"]["qft"]["acc"], s["exports"]["qft"]["wikitext_ppl"],
@@ -180,9 +193,11 @@ def _print_table(s: dict, out: Path) -> None:
     print(f"{'model':<32}{'accuracy':>10}{'WikiText-2 ppl':>16}{'on disk':>12}")
     for name, acc, p, size in rows:
         print(f"{name:<32}{acc:>10.1%}{ppl(p):>16}{'-' if size is None else f'{size / 2**20:.1f} MB':>12}")
-    print(f"\n(hf recipe: merge into the original fp weights + GPTQ, {s['calibration']} calibration; qft: the grid "
-          f"QAT learned, written as is)\nfit {s['fit_s']:.0f} s, total {s['seconds']:.0f} s; "
-          f"summary in {out / 'summary.json'}")
+    q = s["exports"]["qft"]
+    how = ("the grid QAT learned, its codes refined by GPTQ: task windows keep the fine-tune, general text the base"
+           if q["general_target"] == "base" else "the grid QAT learned, written as is")
+    print(f"\n(hf recipe: merge into the original fp weights + GPTQ, {s['calibration']} calibration; qft: {how})"
+          f"\nfit {s['fit_s']:.0f} s, total {s['seconds']:.0f} s; summary in {out / 'summary.json'}")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ import torch
 
 from qft import hooks
 
-from .calibration import (DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, CalibrationError, calibration_mix, calibration_tokens,
-                          model_max_length)
+from .calibration import (GENERAL_FRACTION, DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, CalibrationError, calibration_mix, calibration_tokens,
+                          model_max_length, skip_start)
 from .checkpoint import check_output_dir
 from .config import GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, check_merge_into
-from .pipeline import DTYPES, check_backend, check_qat_grid, check_trained, export, export_config, needs_calibration
+from .pipeline import DTYPES, check_backend, check_trained, export, export_config, needs_calibration, road
 
 _D = GPTQConfig()  # the solver knobs' defaults are the config's
 
@@ -31,13 +31,20 @@ class GPTQExportCallback(pl.Callback):
             the solver, see :class:`qft.export.GPTQConfig` (defaults are its defaults; ``method="rtn"`` for
             round-to-nearest).
         qat_grid: for layers QAT trained: ``"keep"`` writes the learned grid as is (bit-exact to the
-            fake-quant model, no solve), ``"refine"`` keeps its scales and GPTQ re-solves the codes,
-            ``"resolve"`` solves a new grid from the merged weights.
+            fake-quant model, no solve), ``"refine"`` keeps its scales and GPTQ re-solves the codes
+            (toward the base on general text, see ``general_target``), ``"resolve"`` solves a new grid
+            from the merged weights. None (default): ``"refine"`` with general text, else ``"keep"``.
         calibration: a text file, a list of strings, a token tensor, or a DataModule; ``None`` uses the
             trainer's DataModule.
         general_calibration, general_fraction: general text (a file, strings or tokens) that supplies
             ``general_fraction`` of the windows, the task the rest (``qft.export.calibration_mix``): the
             solve then keeps the base model's general ability, not only the task. None: task only.
+        general_start: skip this fraction of ``general_calibration`` (0.5 with WikiText-2 test: its second
+            half, disjoint from the standard evaluation windows).
+        general_target: what the export reproduces on the general-text windows: ``"base"`` (the released
+            base model: the fine-tune's task behaviour is kept on task windows, the base's general ability
+            on general text) or ``"trained"`` (the fine-tuned model everywhere: plain GPTQ). None
+            (default): ``"base"`` with general text, else ``"trained"``; see BENCHMARKS.md, export roads.
         n_samples, seq_len: calibration windows (``seq_len`` capped at the model's context).
         merge_into: the base of frozen layers: ``"trained"`` (the one the adapters trained on, e.g. the
             dequantized NF4 base) or ``"original"`` (reload the released fp weights); see
@@ -66,8 +73,8 @@ class GPTQExportCallback(pl.Callback):
                  desc_act: bool = _D.desc_act, static_groups: bool = _D.static_groups,
                  act_group_aware: bool | None = None, true_sequential: bool = _D.true_sequential,
                  damp_percent: float = _D.damp_percent, hessian_dtype: str = _D.hessian_dtype, mse: bool = _D.mse,
-                 method: str = _D.method, qat_grid: str = "keep", calibration=None, general_calibration=None,
-                 general_fraction: float = 0.5,
+                 method: str = _D.method, qat_grid: str | None = None, calibration=None, general_calibration=None,
+                 general_fraction: float = GENERAL_FRACTION, general_start: float = 0.0, general_target: str | None = None,
                  n_samples: int = DEFAULT_N_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
                  merge_into: str = DEFAULT_MERGE_INTO, backend: str = "qft", device=None, dtype: str = "auto",
                  overwrite: bool = False, measure_drift: bool = True, progress: bool = True, save_dtype: str = "auto"):
@@ -77,8 +84,6 @@ class GPTQExportCallback(pl.Callback):
                            true_sequential=true_sequential, damp_percent=damp_percent, hessian_dtype=hessian_dtype,
                            mse=mse, method=method)
         self.config = GPTQConfig(**self.grid, **self.solver)  # validates now; set-up may adopt QAT's grid
-        check_qat_grid(qat_grid)
-        self.qat_grid = qat_grid
         self.merge_into = check_merge_into(merge_into, "GPTQExportCallback")
         for arg, value in (("dtype", dtype), ("save_dtype", save_dtype)):
             if value not in DTYPES:
@@ -96,11 +101,19 @@ class GPTQExportCallback(pl.Callback):
         if isinstance(general_fraction, bool) or not isinstance(general_fraction, (int, float)) \
                 or not 0 <= general_fraction <= 1:
             raise ValueError(f"GPTQExportCallback(general_fraction={general_fraction!r}): a number in [0, 1].")
+        if isinstance(general_start, bool) or not isinstance(general_start, (int, float)) or not 0 <= general_start < 1:
+            raise ValueError(f"GPTQExportCallback(general_start={general_start!r}): a number in [0, 1) (0.5: the second "
+                             "half of the general text).")
+        self.general_start = general_start
+        self.general_rows = round(n_samples * general_fraction) if general_calibration is not None else 0
+        self.qat_grid, self.general_target = road(qat_grid, general_target, self.general_rows, n_samples,
+                                                  "GPTQExportCallback", backend)
         self.calibration, self.n_samples, self.seq_len = calibration, n_samples, seq_len
         self.general_calibration, self.general_fraction = general_calibration, general_fraction
         self.backend, self.device, self.dtype, self.save_dtype = backend, device, dtype, save_dtype
         self.measure_drift, self.progress = measure_drift, progress
         self.tokens: torch.Tensor | None = None
+        self._anchoring = dict(general_rows=self.general_rows, general_target=self.general_target)
         self.summary: dict | None = None
         self.checkpoint_path: str | None = None
 
@@ -123,9 +136,12 @@ class GPTQExportCallback(pl.Callback):
             source = getattr(getattr(self, "_trainer", None), "datamodule", None)
         tokenizer = getattr(pl_module, "tokenizer", None)
         if needs_calibration(model, self.config, self.qat_grid):
-            self.tokens = calibration_mix(source, self.general_calibration, tokenizer, self.n_samples, self.seq_len,
+            general = skip_start(self.general_calibration, self.general_start)
+            self.tokens = calibration_mix(source, general, tokenizer, self.n_samples, self.seq_len,
                                           self.general_fraction, max_length=model_max_length(model))
+            self._anchoring = dict(general_rows=self.general_rows, general_target=self.general_target)
             return
+        self._anchoring = dict(general_rows=0, general_target="trained")  # nothing is solved, nothing to anchor
         # The learned grid is written as is: tokens serve only the drift check (qft.export.merge.drift),
         # which reads at most 4 x 256 of them; without enough data it is skipped, never an error.
         try:
@@ -144,7 +160,7 @@ class GPTQExportCallback(pl.Callback):
                                   self.config, base_name=base_name, merge_into=self.merge_into, backend=self.backend,
                                   device=device, dtype=self.dtype, overwrite=self.overwrite,
                                   measure_drift=self.measure_drift, progress=self.progress, qat_grid=self.qat_grid,
-                                  save_dtype=self.save_dtype)
+                                  save_dtype=self.save_dtype, **self._anchoring)
             self.checkpoint_path = self.summary["output_dir"]
             if trainer.logger is not None:
                 for key in ("drift", "export_drift"):

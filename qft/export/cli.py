@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, CalibrationError, calibration_mix, model_max_length
+from .calibration import (DEFAULT_N_SAMPLES, GENERAL_FRACTION, DEFAULT_SEQ_LEN, CalibrationError, calibration_mix, model_max_length,
+                          skip_start)
 from .checkpoint import check_output_dir
 from .config import HESSIAN_DTYPES, SUPPORTED_BITS, GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, MERGE_INTO, check_merge_into
-from .pipeline import BACKENDS, DTYPES, QAT_GRIDS, check_backend, check_qat_grid, export, export_config, \
+from .pipeline import BACKENDS, DTYPES, GENERAL_TARGETS, QAT_GRIDS, check_backend, export, export_config, road, \
     needs_calibration
 
 _D = GPTQConfig()
@@ -37,8 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                               "every layer)")
     parser.add_argument("--general-calibration", help="general text file mixed into the calibration set, so the "
                                                       "solve keeps the base model's general ability")
-    parser.add_argument("--general-fraction", type=float, default=0.5,
-                        help="share of calibration windows from --general-calibration (default 0.5)")
+    parser.add_argument("--general-fraction", type=float, default=GENERAL_FRACTION,
+                        help=f"share of calibration windows from --general-calibration (default {GENERAL_FRACTION})")
+    parser.add_argument("--general-start", type=float, default=0.0,
+                        help="skip this fraction of --general-calibration (0.5 for WikiText-2 test: its second "
+                             "half, disjoint from the standard evaluation windows)")
     parser.add_argument("--n-samples", type=int, default=DEFAULT_N_SAMPLES)
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
     parser.add_argument("--bits", type=int, default=None, choices=SUPPORTED_BITS,
@@ -47,9 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"-1 = one scale per output row; default: the grid QAT trained, else {_D.group_size}")
     parser.add_argument("--asym", action="store_true", default=None,
                         help="asymmetric grid (default: the grid QAT trained, else symmetric)")
-    parser.add_argument("--qat-grid", default="keep", choices=QAT_GRIDS,
+    parser.add_argument("--qat-grid", default=None, choices=QAT_GRIDS,
                         help="for layers QAT trained: keep the learned grid (bit-exact), refine its codes with "
-                             "GPTQ, or resolve a new grid")
+                             "GPTQ, or resolve a new grid (default: refine with --general-calibration, else keep)")
+    parser.add_argument("--general-target", default=None, choices=GENERAL_TARGETS,
+                        help="what the export reproduces on general-text windows: the released base model, or "
+                             "the fine-tune (default: base with --general-calibration, else trained)")
     parser.add_argument("--desc-act", action="store_true", help="act-order (static groups)")
     parser.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=None,
                         help="group-aware reordering (g_idx stays natural); default: on unless --desc-act")
@@ -107,7 +114,9 @@ def run(args) -> dict:
                   hessian_dtype=args.hessian_dtype, mse=args.mse, method=args.method)
     grid = dict(bits=args.bits, group_size=args.group_size, sym=None if args.asym is None else not args.asym)
     GPTQConfig(**{k: v for k, v in grid.items() if v is not None}, **solver)  # fail on bad values before loading
-    check_qat_grid(args.qat_grid)
+    general_rows = round(args.n_samples * args.general_fraction) if args.general_calibration else 0
+    qat_grid, general_target = road(args.qat_grid, args.general_target, general_rows, args.n_samples, "qft export",
+                                    args.backend)
     check_merge_into(args.merge_into, "qft export")
     check_backend(args.backend)
     check_output_dir(args.output, args.overwrite)
@@ -116,19 +125,23 @@ def run(args) -> dict:
             raise FileNotFoundError(f"{flag} {value}: no such file (a text file is expected).")
     if not 0 <= args.general_fraction <= 1:
         raise ValueError(f"--general-fraction {args.general_fraction}: a number in [0, 1].")
+    if not 0 <= args.general_start < 1:
+        raise ValueError(f"--general-start {args.general_start}: a number in [0, 1) (0.5: the second half).")
     load = _from_ckpt if args.ckpt else _from_adapter
     model, tok, base_name, masks = load(args.ckpt or args.adapter, args.model, args.merge_into)
-    cfg = export_config(model, args.qat_grid, **grid, **solver)
+    cfg = export_config(model, qat_grid, **grid, **solver)
     tokens = None
     if args.calibration is not None:
-        tokens = calibration_mix(args.calibration, args.general_calibration, tok, args.n_samples, args.seq_len,
+        tokens = calibration_mix(args.calibration, skip_start(args.general_calibration, args.general_start), tok, args.n_samples, args.seq_len,
                                  args.general_fraction, max_length=model_max_length(model))
-    elif needs_calibration(model, cfg, args.qat_grid):
+    elif needs_calibration(model, cfg, qat_grid):
         raise CalibrationError("qft export: --calibration is required (GPTQ solves layers QAT did not train).")
+    if tokens is None or not needs_calibration(model, cfg, qat_grid):
+        general_rows, general_target = 0, "trained"  # nothing is solved, nothing to anchor
     summary = export(model, tok, tokens, args.output, cfg, base_name=base_name, merge_into=args.merge_into,
                      masks=masks, backend=args.backend, device=args.device, dtype=args.dtype,
-                     overwrite=args.overwrite, measure_drift=not args.no_drift, qat_grid=args.qat_grid,
-                     save_dtype=args.save_dtype)
+                     overwrite=args.overwrite, measure_drift=not args.no_drift, qat_grid=qat_grid,
+                     save_dtype=args.save_dtype, general_rows=general_rows, general_target=general_target)
     print(json.dumps({k: summary[k] for k in ("output_dir", "drift", "export_drift", "quantize_s", "seconds")
                       if k in summary}, indent=2))
     return summary

@@ -63,6 +63,36 @@ def resolve_dtype(name: str, device) -> torch.dtype:
     return torch.bfloat16 if bf16_supported(device) else torch.float32
 
 
+def road(qat_grid: str | None, general_target: str | None, general_rows: int, n_rows: int,
+         where: str = "export", backend: str = "qft") -> tuple[str, str]:
+    """Resolve ``(qat_grid, general_target)``; None picks the measured default (BENCHMARKS.md, export roads).
+
+    With general text among the calibration windows (``0 < general_rows < n_rows``) the solve reproduces
+    the released base on it and the fine-tune on the task (``general_target="base"``), and a learned QAT
+    grid keeps its scales while GPTQ re-solves its codes toward both targets (``qat_grid="refine"``): on
+    SmolLM2-135M that kept the task accuracy of the QAT model and the base's WikiText-2 perplexity.
+    Without general text there is nothing to anchor: plain GPTQ, and a learned grid is written as it is.
+    """
+    anchored = 0 < general_rows < n_rows
+    if general_target is None:
+        general_target = "base" if anchored else "trained"
+    if general_target not in GENERAL_TARGETS:
+        raise ValueError(f"{where}(general_target={general_target!r}) is unknown; allowed: {list(GENERAL_TARGETS)} "
+                         "or None ('trained': reproduce the fine-tune everywhere; 'base': the released base on "
+                         "general text).")
+    if general_target == "base" and not anchored:
+        raise ValueError(f"{where}(general_target='base') needs general text in the calibration set, next to the "
+                         f"task ({general_rows} of {n_rows} windows are general); give general_calibration with a "
+                         "general_fraction in (0, 1), or use general_target='trained'.")
+    if general_target == "base" and backend != "qft":
+        raise ValueError(f"{where}(general_target='base', backend={backend!r}): only qft's GPTQ anchors general text "
+                         "to the base; use backend='qft' or general_target='trained'.")
+    if qat_grid is None:
+        qat_grid = "refine" if general_target == "base" else "keep"
+    check_qat_grid(qat_grid)
+    return qat_grid, general_target
+
+
 def check_qat_grid(qat_grid: str) -> None:
     if qat_grid not in QAT_GRIDS:
         raise ValueError(f"qat_grid={qat_grid!r} is unknown; allowed: {list(QAT_GRIDS)} ('keep': write the grid QAT "
@@ -130,14 +160,15 @@ def needs_calibration(trained, cfg: GPTQConfig, qat_grid: str = "keep") -> bool:
 def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPTQConfig, base_name: str | None = None,
            merge_into: str = DEFAULT_MERGE_INTO, masks=None, backend: str = "qft", device=None, dtype: str = "auto",
            overwrite: bool = False, measure_drift: bool = True, progress: bool = True,
-           qat_grid: str = "keep", save_dtype: str = "auto", general_rows: int = 0,
-           general_target: str = "trained") -> dict:
+           qat_grid: str | None = None, save_dtype: str = "auto", general_rows: int = 0,
+           general_target: str | None = None) -> dict:
     """Merge, quantize and write ``output_dir``; returns a summary (also saved as ``qft_export.json``).
 
     ``save_dtype`` is the dtype of the tensors that stay in floating point (embeddings, norms, head):
     ``"auto"`` writes fp16 for an fp32 model (the GPTQ convention) and the compute dtype otherwise.
     ``general_rows``: how many trailing rows of ``tokens`` are general text (``calibration_mix`` puts them
-    last). ``general_target`` is what the export reproduces on them: ``"trained"`` (the fine-tuned
+    last). ``qat_grid`` and ``general_target`` default (None) to the measured road (``road``).
+    ``general_target`` is what the export reproduces on general rows: ``"trained"`` (the fine-tuned
     model, as on the task rows: plain GPTQ) or ``"base"`` (the base model as released: the solve keeps
     the fine-tune's task behaviour on task inputs and the base's general ability on general text; see
     ``qft.export.sequential.quantize_model(anchor=...)``).
@@ -150,15 +181,13 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     if save_dtype not in DTYPES:
         raise ValueError(f"save_dtype={save_dtype!r} is unknown; allowed: {list(DTYPES)}.")
     merge_into = check_merge_into(merge_into)
-    if general_target not in GENERAL_TARGETS:
-        raise ValueError(f"general_target={general_target!r} is unknown; allowed: {list(GENERAL_TARGETS)}.")
-    if general_target != "trained" and not (tokens is not None and 0 < general_rows < len(tokens)):
-        raise ValueError(f"general_target={general_target!r} needs calibration with general text: general_rows="
-                         f"{general_rows} of {None if tokens is None else len(tokens)} rows (see calibration_mix).")
+    qat_grid, general_target = road(qat_grid, general_target, general_rows, 0 if tokens is None else len(tokens),
+                                    backend=backend)
     if general_target == "base" and base_name is None:
         raise ValueError("general_target='base' needs the base model (base_name=...).")
     fixed = check_trained(trained, cfg, qat_grid, backend)
-    if tokens is None and needs_calibration(trained, cfg, qat_grid):
+    solves = needs_calibration(trained, cfg, qat_grid)
+    if tokens is None and solves:
         raise CalibrationError("export: GPTQ needs calibration tokens for the layers QAT did not train; pass some.")
     device = torch.device(device or "cpu")
     t0 = time.perf_counter()
@@ -173,8 +202,8 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     measure = measure_drift and tokens is not None
     if measure:
         summary["drift"] = drift(trained, model, tokens)
-    compute = resolve_dtype(dtype, device)
-    model = model.to(compute)
+    compute = resolve_dtype(dtype, device) if solves else torch.float32  # kept grids need no forward pass:
+    model = model.to(compute)  # the merged fp32 model is written as it is, bit for bit
     summary["dtype"] = str(compute).replace("torch.", "")
     summary["group_size_warnings"] = check_model(model, cfg)
     t1 = time.perf_counter()

@@ -31,7 +31,7 @@ from torch import nn
 from .blocks import (block_linears, check_model, child_endings, discover_groups, final_children, find_decoder_blocks,
                      replaying, run_block, slice_kwargs)
 from .config import GPTQConfig
-from .gptq import HessianAccumulator, QuantizedWeight, gptq_solve, params_for_groups, relative_output_error, rtn_solve
+from .gptq import HessianAccumulator, QuantizedWeight, damped_inverse_cholesky, gptq_solve, params_for_groups, relative_output_error, rtn_solve
 
 
 class _StopForward(Exception):
@@ -215,7 +215,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                         if blend is not None:
                             if keep_grid is None:  # fit the grid to the model's weight: a blend may carry outliers
                                 keep_grid = params_for_groups(W.float(), cfg)
-                            W = blend(W, torch.cat([anchor[f"{prefix}.{i}.{n}"] for n in names], 0), cfg.damp_percent)
+                            W = blend(W, torch.cat([anchor[f"{prefix}.{i}.{n}"] for n in names], 0), cfg)
                         qw = gptq_solve(W, H, cfg, report_error=False, grid=keep_grid)
                         method = "qat+gptq" if given else cfg.method
                     commit(i, names, lins, qw.cpu(), time.perf_counter() - t1 + fwd_s / len(stage),
@@ -318,24 +318,34 @@ class SplitHessian:
         """The Hessian of the whole set (token-weighted), under which GPTQ solves."""
         return (self.parts[0].H + self.parts[1].H) * (2.0 / self.n_tokens)
 
-    def blend(self, W: torch.Tensor, W_anchor: torch.Tensor, damp: float) -> torch.Tensor:
+    def blend(self, W: torch.Tensor, W_anchor: torch.Tensor, cfg) -> torch.Tensor:
         """The weight minimising ``||(Q-W) X_task||^2 + ||(Q-W_anchor) X_general||^2 + lam ||Q-W||^2``:
-        ``W* = (W H_task + W_anchor H_general + lam W) (H_task + H_general + lam I)^-1``. The small ridge
-        ``lam`` (``damp`` of the mean diagonal, raised until the factorisation succeeds, as the solve does)
-        keeps directions no calibration input reached at the model's own weight; with ``W_anchor == W``
-        the blend is ``W`` itself."""
+        ``W* = (W H_task + W_anchor H_general + lam W) (H_task + H_general + lam I)^-1``, solved as a
+        correction ``W + (W_anchor - W) H_general (H + lam I)^-1`` so that an anchor equal to the model
+        leaves ``W`` exactly as it is. ``lam`` is the damping the GPTQ solve of this layer will use (its
+        ``damp_percent``, raised as the solve raises it), so the two minimise the same objective.
+
+        Along directions that the calibration barely reaches the least-squares correction can grow far
+        beyond both weights (it is bounded only by ``lam``), and a GPTQ solve on a fixed grid turns such
+        outliers into clamped codes whose errors cascade (measured on SmolLM2-135M: one ill-conditioned
+        ``down_proj`` took the export to perplexity 4545, and the same damping as the solve did not help).
+        The blend is therefore kept, elementwise, between the two weights it mixes: it may move each
+        entry from ``W`` toward ``W_anchor``, never past either (perplexity 31.7; clamping only to the
+        grid's range instead gave 261). BENCHMARKS.md, export roads."""
         Ht, Hg = (p.H.to(torch.float32) for p in self.parts)
         Hs = Ht + Hg
-        Wf = W.to(Hs).t()
-        rhs = Ht @ Wf + Hg @ W_anchor.to(Hs).t()  # [in, out]
+        _, damp = damped_inverse_cholesky(Hs * (2.0 / self.n_tokens), cfg.damp_percent, cfg.damp_auto_increment)
+        Wf, Wa = W.to(Hs), W_anchor.to(Hs)
+        rhs = Hg @ (Wa - Wf).t()  # [in, out]
         eye = torch.eye(Hs.shape[0], device=Hs.device)
-        mean = Hs.diagonal().mean().clamp_min(1e-12)
+        lam = damp * Hs.diagonal().mean().clamp_min(1e-12)
         while True:
-            lam = damp * mean
             L, info = torch.linalg.cholesky_ex(Hs + eye * lam)
             if int(info) == 0:
-                return torch.cholesky_solve(rhs + lam * Wf, L).t().contiguous()
-            damp += 0.0025
+                break
+            lam = lam * 2
+        out = Wf + torch.cholesky_solve(rhs, L).t()
+        return torch.minimum(torch.maximum(out, torch.minimum(Wf, Wa)), torch.maximum(Wf, Wa)).contiguous()
 
 
 def _tail_matches(block, first, shortcut, tol: float = 2e-2) -> bool:

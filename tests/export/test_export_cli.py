@@ -19,7 +19,8 @@ def test_add_arguments_and_validation(tmp_path, calib_file):
     p = cli.add_arguments(argparse.ArgumentParser())
     a = p.parse_args(["--adapter", "x", "--output", str(tmp_path), "--calibration", str(calib_file)])
     # grid defaults are None: they follow a QAT-trained grid, else GPTQConfig's (4, 128, symmetric)
-    assert a.bits is None and a.group_size is None and a.asym is None and a.qat_grid == "keep"
+    assert a.bits is None and a.group_size is None and a.asym is None
+    assert a.qat_grid is None and a.general_target is None  # the measured road (pipeline.road)
     assert a.backend == "qft" and a.merge_into == "trained"
     with pytest.raises(FileExistsError, match="overwrite"):  # before any model is loaded
         cli.run(a)
