@@ -21,8 +21,8 @@ calibration window) and, with mixed calibration, "base" (reproduce the fine-tune
 the released base model on the general-text windows: the anchored least-squares solve of
 ``qft.export.sequential.quantize_model``).
 
-GPTQ calibrates on ``--calib-samples`` x ``--calib-len`` tokens: the task mixed half and half with
-WikiText-2 windows from the second half of its tokens (``mix``), or the task alone (``task``, shown for
+GPTQ calibrates on ``--calib-samples`` x ``--calib-len`` tokens: the task mixed with WikiText-2 windows
+from the second half of its tokens (a quarter or half of the windows), or the task alone (shown for
 ``original+gptq`` to separate the calibration's share of the WikiText loss). Reference rows locate where
 the general-text loss comes from: the base (fp32, and its NF4 rounding), the trained model (fake-quant off
 and on), and the merged fp models before any int4 rounding.
@@ -44,12 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # (name, merge_into, qat_grid, general_fraction (None: no calibration, 0: task only), general_target)
 ROADS = [("original+gptq", "original", "resolve", 0.0, "trained"),
+         ("original+gptq", "original", "resolve", 0.25, "trained"),
          ("original+gptq", "original", "resolve", 0.5, "trained"),
-         ("trained+gptq", "trained", "resolve", 0.5, "trained"),
+         ("trained+gptq", "trained", "resolve", 0.25, "trained"),
+         ("trained+gptq", "trained", "resolve", 0.25, "base"),
          ("trained+gptq", "trained", "resolve", 0.5, "base"),
          ("qat_keep", "trained", "keep", None, "trained"),
-         ("qat_refine", "trained", "refine", 0.5, "base"),
-         ("qat_refine", "trained", "refine", 0.25, "base")]
+         ("qat_refine", "trained", "refine", 0.25, "base"),
+         ("qat_refine", "trained", "refine", 0.5, "base")]
 
 
 def main():

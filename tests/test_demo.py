@@ -36,5 +36,7 @@ def test_demo_runs_both_roads_and_refuses_to_overwrite(tmp_path, capsys):
 def test_demo_measures_wikitext_when_present(tmp_path, shared_data):
     res = _run(tmp_path / "d", "--wikitext", str(shared_data / "wikitext2_test.raw"))
     assert res["calibration"] == "task+wikitext"
+    assert (res["exports"]["qft"]["qat_grid"], res["exports"]["qft"]["general_target"]) == ("refine", "base")
+    assert res["exports"]["hf_recipe"]["general_target"] == "trained"
     for road in ("hf_recipe", "qft"):
         assert res["exports"][road]["wikitext_ppl"] > 1
