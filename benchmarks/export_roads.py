@@ -68,6 +68,9 @@ def main():
     ap.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the base, the trained model and the fp merges")
     ap.add_argument("--model", default="smollm2-135m", help="tiny-llama for a quick check of the script")
+    ap.add_argument("--reuse", default=None,
+                    help="work directory of an earlier run (printed at its start): export its saved fine-tunes "
+                         "instead of fitting again")
     a = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -86,7 +89,8 @@ def main():
         sys.exit("needs ../shared/data/wikitext2_test.raw")
     result = {"command": shlex.join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
               "torch_threads": torch.get_num_threads(), "rows": []}
-    work = Path(tempfile.mkdtemp(prefix="export-roads-"))
+    work = Path(a.reuse) if a.reuse else Path(tempfile.mkdtemp(prefix="export-roads-"))
+    print(f"work directory: {work}", flush=True)
 
     def row(run, road, model=None, path=None, **extra):
         t = time.perf_counter()
@@ -119,10 +123,21 @@ def main():
         pl.seed_everything(0, verbose=False)
         t = time.perf_counter()
         qat_start = a.qat_start if run == "qa_qlora" else None
-        module, data, callbacks = qa_qlora(a.model, a.steps, 16, 2e-3, a.num_val, qat_start, a.group_size,
-                                           work / run, progress=False)
-        result[f"fit_s_{run}"] = round(time.perf_counter() - t, 1)
-        trained = module.model
+        saved = sorted((work / run).glob("lightning_logs/version_*/checkpoints/*.ckpt")) if a.reuse else []
+        if a.reuse and not saved:
+            sys.exit(f"--reuse {work}: no checkpoint of run {run!r} there")
+        if saved:
+            from qft.data import QFTDataModule
+            from qft.module import CausalLMModule
+
+            module = CausalLMModule.load_any(str(saved[-1]))
+            data = QFTDataModule(task="synthetic", batch_size=16, num_train=a.steps * 16, num_val=a.num_val, seq_len=64)
+            result[f"reused_{run}"] = str(saved[-1])
+        else:
+            module, data, _ = qa_qlora(a.model, a.steps, 16, 2e-3, a.num_val, qat_start, a.group_size, work / run,
+                                       progress=False)
+            result[f"fit_s_{run}"] = round(time.perf_counter() - t, 1)
+        trained = module.model.eval()
         if a.references:
             references(run, trained)
         cfg = GPTQConfig(bits=4, group_size=a.group_size)
@@ -133,7 +148,7 @@ def main():
                 calib = calibration_mix(data, wiki_calib if fraction else None, tok, a.calib_samples, a.calib_len,
                                         fraction)
             n_general = round(a.calib_samples * fraction) if fraction else 0
-            path = work / run / f"{name}-{fraction}-{target}"
+            path = work / run / f"{name}-{fraction}-{target}-{time.strftime('%H%M%S')}"
             s = export(trained, tok, calib, path, cfg, base_name=a.model, merge_into=merge_into, qat_grid=qat_grid,
                        progress=False, general_rows=n_general, general_target=target)
             row(run, name, path=path, general_fraction=fraction, general_target=target,
