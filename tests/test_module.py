@@ -15,6 +15,7 @@ from qft.module import CausalLMModule, causal_lm_loss
     (dict(adapter="lora", lora_r=0), "lora_r=0"),
     (dict(lr=0), "lr=0"),
     (dict(compute_dtype="fp8"), "compute_dtype='fp8'"),
+    (dict(attention="flash"), "attention='flash'"),
 ])
 def test_bad_arguments_fail_at_construction(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -157,3 +158,16 @@ def test_qat_checkpoint_loads_into_a_fresh_module_without_the_callback(tokenizer
     sd_t, sd_l = module.state_dict(), fresh.state_dict()
     scale_keys = [k for k in sd_t if "scale" in k]
     assert scale_keys and all(torch.equal(sd_t[k], sd_l[k]) for k in scale_keys)
+
+
+def test_eager_attention_computes_what_sdpa_does(tokenizer):
+    """``attention="eager"`` (faster on the CPU for short chats) changes the kernels, not the model."""
+    x = _batches(tokenizer, 1)[0]
+    out = {}
+    for impl in ("sdpa", "eager"):
+        m = CausalLMModule(model="tiny-llama", attention=impl)
+        m.configure_model()
+        with torch.no_grad():
+            out[impl] = m.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+    keep = x["attention_mask"].bool()
+    assert torch.allclose(out["sdpa"][keep], out["eager"][keep], atol=1e-4)
