@@ -157,3 +157,32 @@ def test_cli_export_of_the_full_combination(tmp_path):
     x = torch.randint(0, 5000, (2, 24), generator=torch.Generator().manual_seed(1))
     exported = _logits(load_quantized(tmp_path / "out", dtype=torch.float32), x)
     assert torch.allclose(exported, _logits(module.model, x), atol=1e-5, rtol=0)
+
+
+def test_full_combination_with_general_text_exports_the_anchored_road(tmp_path):
+    """NF4 + PRILoRA + merged QAT + self-distillation + export with general text, in one ``Trainer.fit``:
+    the export's defaults then keep the learned scales and re-solve the codes, task windows toward the
+    fine-tune and general windows toward the released base (``general_target="base"``)."""
+    import json
+
+    from qft.export import GPTQExportCallback, load_quantized
+
+    module = _module("nf4", distill=True)
+    callbacks = _callbacks(tmp_path, prilora=True, qat="merged")
+    general = torch.randint(5000, 9000, (4096,), generator=torch.Generator().manual_seed(2))
+    callbacks[0] = GPTQExportCallback(tmp_path / "int4", group_size=64, dtype="float32", save_dtype="float32",
+                                      progress=False, n_samples=8, seq_len=32, general_calibration=general)
+    trainer, data, counter, _ = _fit(tmp_path, module, callbacks)
+    trainer.fit(module, datamodule=data)
+    assert counter.steps == STEPS
+    s = callbacks[0].summary
+    assert (s["qat_grid"], s["general_target"], s["general_rows"], s["learned_layers"]) == ("refine", "base", 2, 28)
+    rows = json.loads((tmp_path / "int4" / "quant_report.json").read_text())
+    assert {r["method"] for r in rows} == {"qat+gptq"}
+    from qft.models import load_model
+
+    x = general[:48].view(2, 24)  # general text: the export must sit nearer the released base than the fine-tune
+    exported = _logits(load_quantized(callbacks[0].checkpoint_path, dtype=torch.float32), x)
+    base = _logits(load_model("tiny-llama", dtype=torch.float32), x)
+    assert torch.isfinite(exported).all()
+    assert (exported - base).square().mean() < (_logits(module.model, x) - base).square().mean()

@@ -9,8 +9,8 @@ import torch
 
 from qft import hooks
 
-from .calibration import (GENERAL_FRACTION, DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, CalibrationError, calibration_mix, calibration_tokens,
-                          model_max_length, skip_start)
+from .calibration import (DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, GENERAL_FRACTION, CalibrationError, calibration_mix,
+                          calibration_tokens, model_max_length, skip_start)
 from .checkpoint import check_output_dir
 from .config import GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, check_merge_into
@@ -74,7 +74,8 @@ class GPTQExportCallback(pl.Callback):
                  act_group_aware: bool | None = None, true_sequential: bool = _D.true_sequential,
                  damp_percent: float = _D.damp_percent, hessian_dtype: str = _D.hessian_dtype, mse: bool = _D.mse,
                  method: str = _D.method, qat_grid: str | None = None, calibration=None, general_calibration=None,
-                 general_fraction: float = GENERAL_FRACTION, general_start: float = 0.0, general_target: str | None = None,
+                 general_fraction: float = GENERAL_FRACTION, general_start: float = 0.0,
+                 general_target: str | None = None,
                  n_samples: int = DEFAULT_N_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
                  merge_into: str = DEFAULT_MERGE_INTO, backend: str = "qft", device=None, dtype: str = "auto",
                  overwrite: bool = False, measure_drift: bool = True, progress: bool = True, save_dtype: str = "auto"):

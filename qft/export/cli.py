@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .calibration import (DEFAULT_N_SAMPLES, GENERAL_FRACTION, DEFAULT_SEQ_LEN, CalibrationError, calibration_mix, model_max_length,
-                          skip_start)
+from .calibration import (DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, GENERAL_FRACTION, CalibrationError, calibration_mix,
+                          model_max_length, skip_start)
 from .checkpoint import check_output_dir
 from .config import HESSIAN_DTYPES, SUPPORTED_BITS, GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, MERGE_INTO, check_merge_into
