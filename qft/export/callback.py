@@ -45,8 +45,6 @@ class GPTQExportCallback(pl.Callback):
             base model: the fine-tune's task behaviour is kept on task windows, the base's general ability
             on general text) or ``"trained"`` (the fine-tuned model everywhere: plain GPTQ). None
             (default): ``"base"`` with general text, else ``"trained"``; see BENCHMARKS.md, export roads.
-        task_weight: with ``general_target="base"``, how much more a task token's error counts than a
-            general one's when GPTQ rounds (:class:`qft.export.GPTQConfig`; measured default 16).
         n_samples, seq_len: calibration windows (``seq_len`` capped at the model's context).
         merge_into: the base of frozen layers: ``"trained"`` (the one the adapters trained on, e.g. the
             dequantized NF4 base) or ``"original"`` (reload the released fp weights); see
@@ -77,7 +75,7 @@ class GPTQExportCallback(pl.Callback):
                  damp_percent: float = _D.damp_percent, hessian_dtype: str = _D.hessian_dtype, mse: bool = _D.mse,
                  method: str = _D.method, qat_grid: str | None = None, calibration=None, general_calibration=None,
                  general_fraction: float = GENERAL_FRACTION, general_start: float = 0.0,
-                 general_target: str | None = None, task_weight: float = _D.task_weight,
+                 general_target: str | None = None,
                  n_samples: int = DEFAULT_N_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
                  merge_into: str = DEFAULT_MERGE_INTO, backend: str = "qft", device=None, dtype: str = "auto",
                  overwrite: bool = False, measure_drift: bool = True, progress: bool = True, save_dtype: str = "auto"):
@@ -85,7 +83,7 @@ class GPTQExportCallback(pl.Callback):
         self.grid = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym).items() if v is not None}
         self.solver = dict(desc_act=desc_act, static_groups=static_groups, act_group_aware=act_group_aware,
                            true_sequential=true_sequential, damp_percent=damp_percent, hessian_dtype=hessian_dtype,
-                           mse=mse, method=method, task_weight=task_weight)
+                           mse=mse, method=method)
         self.config = GPTQConfig(**self.grid, **self.solver)  # validates now; set-up may adopt QAT's grid
         self.merge_into = check_merge_into(merge_into, "GPTQExportCallback")
         for arg, value in (("dtype", dtype), ("save_dtype", save_dtype)):

@@ -57,9 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--general-target", default=None, choices=GENERAL_TARGETS,
                         help="what the export reproduces on general-text windows: the released base model, or "
                              "the fine-tune (default: base with --general-calibration, else trained)")
-    parser.add_argument("--task-weight", type=float, default=_D.task_weight,
-                        help="with general text anchored to the base: how many times a task token's error counts "
-                             f"against a general one's when GPTQ rounds (default {_D.task_weight:g}, measured)")
     parser.add_argument("--desc-act", action="store_true", help="act-order (static groups)")
     parser.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=None,
                         help="group-aware reordering (g_idx stays natural); default: on unless --desc-act")
@@ -114,7 +111,7 @@ def run(args) -> dict:
     """Validate everything, then merge, quantize and write; prints and returns the summary."""
     solver = dict(desc_act=args.desc_act, act_group_aware=args.act_group_aware,
                   true_sequential=not args.no_true_sequential, damp_percent=args.damp_percent,
-                  hessian_dtype=args.hessian_dtype, mse=args.mse, method=args.method, task_weight=args.task_weight)
+                  hessian_dtype=args.hessian_dtype, mse=args.mse, method=args.method)
     grid = dict(bits=args.bits, group_size=args.group_size, sym=None if args.asym is None else not args.asym)
     GPTQConfig(**{k: v for k, v in grid.items() if v is not None}, **solver)  # fail on bad values before loading
     general_rows = round(args.n_samples * args.general_fraction) if args.general_calibration else 0

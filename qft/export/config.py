@@ -46,13 +46,6 @@ class GPTQConfig:
                 "first; 'bfloat16' multiplies bf16 activations as they are (the products are exact, sums are "
                 "rounded to bf16 once per 512 tokens and accumulated in fp32), about 2.5x faster on CPUs "
                 "with AVX512-BF16 or AMX; 'auto' picks bfloat16 for bf16 activations and float32 otherwise."})
-    task_weight: float = field(default=16.0, metadata={
-        "help": "Anchored exports only (general text reproduces the base, general_target='base'): how many times "
-                "a task token's output error counts against a general-text token's when GPTQ rounds the blended "
-                "weight. The task's inputs span a narrow subspace that the fine-tune (and QAT) tuned; weighing "
-                "them up moves the rounding error into directions only general text uses. 1 weighs every token "
-                "alike. Measured on SmolLM2-135M (BENCHMARKS.md, export roads): 1 -> 76% / ppl 31.7, "
-                "16 -> 82% / 33.1, 100 -> 83% / 33.6 (unrounded blend 83% / 26.1)."})
     block_size: int = field(default=128, metadata={"help": "Columns per lazy batch update of the solve."})
     mse: bool = field(default=False, metadata={
         "help": "Grid-search each group's clipping range for the lowest |w - q|^2.4 error (slower, sometimes "
@@ -74,10 +67,6 @@ class GPTQConfig:
         if not 0 < self.damp_auto_increment < 1:
             raise ValueError(f"GPTQConfig(damp_auto_increment={self.damp_auto_increment!r}) must be in (0, 1); "
                              "0.0025 is usual.")
-        if isinstance(self.task_weight, bool) or not isinstance(self.task_weight, (int, float)) or \
-                not 1 <= self.task_weight < float("inf"):
-            raise ValueError(f"GPTQConfig(task_weight={self.task_weight!r}) must be a finite number >= 1 (1 weighs "
-                             "task and general tokens alike; 16 is the measured default).")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"GPTQConfig(block_size={self.block_size!r}) must be a positive integer; 128 is usual.")
         if self.act_group_aware is None:

@@ -106,9 +106,8 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     ``anchor`` (``{qualified layer name: fp32 weight}``) with ``anchor_rows`` > 0 says that the last
     ``anchor_rows`` calibration sequences (general text) should come out as the anchor weights compute
     them, the others as ``model`` computes them. Each solve then targets the least-squares blend
-    ``W* = (W H_task + W_anchor H_general) (H_task + H_general)^-1`` (every token alike), and GPTQ rounds
-    ``W*`` under ``cfg.task_weight * H_task + H_general``, so that the rounding error stays out of the
-    task's inputs (``SplitHessian``).
+    ``W* = (W H_task + W_anchor H_general) (H_task + H_general)^-1`` under ``H = H_task + H_general``
+    (token-weighted): ``||(Q - W) X_task||^2 + ||(Q - W_anchor) X_general||^2`` is what GPTQ minimises.
     With the base model's weights as the anchor, a fine-tune keeps its task behaviour and the export
     keeps the base's general ability where the two inputs differ (``qft.export.pipeline``'s
     ``general_target="base"``).
@@ -193,8 +192,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             capture = [c for c, last in final_after.items() if last == si - 1 and c not in saved]
             stage_out = _collect_stage(block, lins, stage, cache, device, keep=tail, replay=saved, capture=capture,
                                        low_precision=low_precision, split=split,
-                                       keep_inputs=[_group_head(stage, lin) for lin, _ in ending.values()],
-                                       task_weight=cfg.task_weight)
+                                       keep_inputs=[_group_head(stage, lin) for lin, _ in ending.values()])
             accs, fwd_s, outs, tail_inputs, captured, kept = stage_out
             saved.update({c: o for c, o in captured.items() if len(o) == len(cache)})
             for g in stage:
@@ -259,7 +257,7 @@ def _group_head(stage, linear: str) -> str:
 
 
 def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, capture=(), low_precision=False,
-                   keep_inputs=(), split=None, task_weight=1.0):
+                   keep_inputs=(), split=None):
     """Run the cached inputs through ``block`` to accumulate the Hessians of ``stage``'s groups.
 
     Without ``keep`` the forward stops at the pre-hook of the last group's first layer (its input is all
@@ -267,13 +265,12 @@ def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, c
     Children named in ``replay`` return their saved outputs instead of running; those in ``capture``
     have their outputs saved (complete only if the forward got past them); the layers in ``keep_inputs``
     (group heads of this stage) have their inputs saved. With ``split``, batches from that index on are
-    general text and get Hessians of their own (``SplitHessian``, whose solve weighs the task part by
-    ``task_weight``).
+    general text and get Hessians of their own (``SplitHessian``).
     """
     t0 = time.perf_counter()
     source = [0]  # which part of the calibration set the current batch is from
     make = (lambda n: HessianAccumulator(n, device, low_precision)) if split is None else \
-        (lambda n: SplitHessian(n, device, low_precision, source, task_weight))
+        (lambda n: SplitHessian(n, device, low_precision, source))
     accs = {g[0]: make(lins[g[0]].in_features) for g in stage}
     handles = [lins[g[0]].register_forward_pre_hook(lambda m, a, acc=accs[g[0]]: acc.add(a[0])) for g in stage]
     captured = {c: [] for c in capture}
@@ -304,19 +301,11 @@ def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, c
 
 class SplitHessian:
     """Hessians of the task and the general-text parts of the calibration set, kept apart for the
-    anchored solve (``quantize_model(anchor=...)``); ``source[0]`` says which part a batch is from.
+    anchored solve (``quantize_model(anchor=...)``); ``source[0]`` says which part a batch is from."""
 
-    Two questions, two weightings. ``blend`` decides what each input should produce (the fine-tune on
-    the task, the base on general text): every token counts alike there. ``hessian`` decides where the
-    rounding error of the grid goes: the task's tokens count ``task_weight`` times, so the error lands
-    in directions only general text uses, not in the narrow subspace the fine-tune tuned. Measured on
-    SmolLM2-135M's QA-QLoRA fine-tune: the blend unrounded keeps 83% task accuracy, rounded with every
-    token alike 76%, with task tokens x16 82% (BENCHMARKS.md, export roads).
-    """
-
-    def __init__(self, n_features, device, low_precision, source, task_weight: float = 1.0):
+    def __init__(self, n_features, device, low_precision, source):
         self.parts = [HessianAccumulator(n_features, device, low_precision) for _ in range(2)]
-        self.source, self.task_weight = source, task_weight
+        self.source = source
 
     def add(self, x):
         self.parts[self.source[0]].add(x)
@@ -326,9 +315,8 @@ class SplitHessian:
         return sum(p.n_tokens for p in self.parts)
 
     def hessian(self) -> torch.Tensor:
-        """The Hessian GPTQ rounds under: task tokens weighted ``task_weight``, general ones 1."""
-        w = self.task_weight
-        return (self.parts[0].H * w + self.parts[1].H) * (2.0 / (w * self.parts[0].n_tokens + self.parts[1].n_tokens))
+        """The Hessian of the whole set (token-weighted), under which GPTQ solves."""
+        return (self.parts[0].H + self.parts[1].H) * (2.0 / self.n_tokens)
 
     def blend(self, W: torch.Tensor, W_anchor: torch.Tensor, cfg) -> torch.Tensor:
         """The weight minimising ``||(Q-W) X_task||^2 + ||(Q-W_anchor) X_general||^2 + lam ||Q-W||^2``:

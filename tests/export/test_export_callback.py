@@ -74,7 +74,7 @@ def test_too_few_tokens_fails_before_training(tmp_path):
 
 @pytest.mark.parametrize("kw,match", [(dict(bits=5), "bits=5"), (dict(backend="vllm"), "backend='vllm'"),
                                       (dict(merge_into="fp8"), "merge_into='fp8'"), (dict(n_samples=0), "n_samples=0"),
-                                      (dict(dtype="int8"), "dtype='int8'"), (dict(task_weight=0), "task_weight=0")])
+                                      (dict(dtype="int8"), "dtype='int8'")])
 def test_bad_arguments_fail_at_construction(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         GPTQExportCallback(tmp_path / "o", **kw)
