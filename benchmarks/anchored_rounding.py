@@ -1,7 +1,7 @@
-"""Where the anchored export loses task accuracy: the blend, or its rounding (``GPTQConfig.task_weight``).
+"""Where the anchored export loses task accuracy: the blend, or its rounding.
 
     python benchmarks/anchored_rounding.py --fit runs/demo-XXXX --steps 120 --out rounding.json \
-        [--task-weights 1,16] [--num-answers 1000]
+        [--rows adapters,keep,blend,refine] [--num-answers 1000]
 
 ``--fit`` is a directory holding a saved quantization-aware QLoRA fit (``make demo``'s run directory, or
 ``export_roads.py``'s ``qa_qlora`` work directory); ``--steps`` its length (to rebuild its training split,
@@ -12,8 +12,7 @@ text anchored to the released base) and measures it:
 - ``adapters``: the QLoRA adapters on NF4, fake-quant off (the demo's ``acc_qlora``);
 - ``keep``: the learned grid as is (bit-exact to the model as trained, fake-quant on);
 - ``blend``: the anchored blend ``W*`` itself, not rounded (a diagnostic: no checkpoint can hold it);
-- ``refine tw=K``: the default road, ``W*`` rounded by GPTQ on the learned scales under
-  ``K * H_task + H_general``.
+- ``refine``: the default road, ``W*`` rounded by GPTQ on the learned scales.
 
 Figures: greedy exact match on the 100 held-out problems ``make demo`` uses; teacher-forced exact match
 and answer NLL on ``--num-answers`` held-out problems (``qft.evaluate.answer_accuracy``, bf16 autocast);
@@ -55,7 +54,6 @@ def main():
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--rows", default="adapters,keep,blend,refine")
-    ap.add_argument("--task-weights", default="1,16")
     ap.add_argument("--num-answers", type=int, default=1000)
     ap.add_argument("--model", default="smollm2-135m")
     a = ap.parse_args()
@@ -99,13 +97,13 @@ def main():
         print(json.dumps(r), flush=True)
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
 
-    def exported(task_weight=1.0, rounded=True):
+    def exported(rounded=True):
         model = merge_adapters(trained, a.model, merge_into="trained").to(torch.bfloat16)
         solve = sequential.gptq_solve
         if not rounded:
             sequential.gptq_solve = lambda W, H, cfg, report_error=False, grid=None: _Exact(W.float())
         try:
-            sequential.quantize_model(model, GPTQConfig(bits=4, group_size=64, task_weight=task_weight), calib,
+            sequential.quantize_model(model, GPTQConfig(bits=4, group_size=64), calib,
                                       fixed=fixed, refine=True, anchor=anchor, anchor_rows=16, progress=False)
         finally:
             sequential.gptq_solve = solve
@@ -120,8 +118,7 @@ def main():
         elif row == "blend":
             measure("blend, unrounded", exported(rounded=False))
         elif row == "refine":
-            for tw in (float(w) for w in a.task_weights.split(",")):
-                measure(f"refine tw={tw:g}", exported(tw), task_weight=tw)
+            measure("refine (the default road)", exported())
         else:
             sys.exit(f"--rows: unknown row {row!r}; allowed: adapters, keep, blend, refine")
 
