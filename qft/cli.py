@@ -36,6 +36,9 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=16, help="number of seq_len windows for perplexity")
     p.add_argument("--task", choices=["synthetic", "none"], default="synthetic", help="also measure task accuracy")
     p.add_argument("--num-val", type=int, default=200, help="held-out synthetic problems")
+    p.add_argument("--allow-unsafe-load", action="store_true",
+                   help="read a --ckpt that needs full unpickling (it can run code from the file: trusted files "
+                        "only; qft's own checkpoints never need it)")
 
 
 def load_for_eval(args):
@@ -49,7 +52,7 @@ def load_for_eval(args):
     if args.ckpt:
         from .module import CausalLMModule
 
-        module = CausalLMModule.load_any(args.ckpt, map_location="cpu")
+        module = CausalLMModule.load_any(args.ckpt, getattr(args, "allow_unsafe_load", False), map_location="cpu")
         return module.model, module.tokenizer
     model, tok = models.load(args.model)
     if args.adapter:

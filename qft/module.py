@@ -294,17 +294,22 @@ class CausalLMModule(pl.LightningModule):
                              "changes": [list(c) for c in self.qft_changes]}
 
     @staticmethod
-    def load_any(path: str, **kwargs) -> "CausalLMModule":
-        """Load a qft checkpoint with the module class that saved it (e.g. a DistillationModule)."""
+    def load_any(path: str, allow_unsafe: bool = False, **kwargs) -> "CausalLMModule":
+        """Load a qft checkpoint with the module class that saved it (e.g. a DistillationModule).
+
+        The file is read by torch's weights-only unpickler (``qft.safe_load``); ``allow_unsafe=True`` is
+        the explicit opt-in for a trusted checkpoint that needs full unpickling."""
         import importlib
 
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        from .safe_load import load_checkpoint
+
+        ckpt = load_checkpoint(path, allow_unsafe)
         class_path = ckpt.get("qft", {}).get("class_path", f"{__name__}.CausalLMModule")
         mod, _, name = class_path.rpartition(".")
         cls = getattr(importlib.import_module(mod), name)
         if not (isinstance(cls, type) and issubclass(cls, CausalLMModule)):
             raise TypeError(f"checkpoint {path!r} was saved by {class_path}, not a CausalLMModule.")
-        return cls.load_from_checkpoint(path, **kwargs)
+        return cls.load_from_checkpoint(path, weights_only=not allow_unsafe, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()  # adapter ranks come from the hyper-parameters (rank_pattern)

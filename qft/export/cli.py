@@ -73,15 +73,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--save-dtype", default="auto", choices=list(DTYPES),
                         help="dtype of the unquantized tensors (auto: fp16 for an fp32 model)")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--allow-unsafe-load", action="store_true",
+                        help="read a --ckpt that needs full unpickling (it can run code from the file: trusted "
+                             "files only; qft's own checkpoints never need it)")
     parser.add_argument("--no-drift", action="store_true", help="skip the merged-vs-trained drift measurement")
     return parser
 
 
-def _from_ckpt(path: str, model_name: str | None, merge_into: str):
+def _from_ckpt(path: str, model_name: str | None, merge_into: str, allow_unsafe: bool = False):
     """Rebuild the trained module from a qft checkpoint: ``(model, tokenizer, base name, masks)``."""
     from qft.module import CausalLMModule
 
-    module = CausalLMModule.load_any(path, **({"model": model_name} if model_name else {}))
+    module = CausalLMModule.load_any(path, allow_unsafe, **({"model": model_name} if model_name else {}))
     return module.model, module.tokenizer, module.hparams.model, None
 
 
@@ -127,8 +130,10 @@ def run(args) -> dict:
         raise ValueError(f"--general-fraction {args.general_fraction}: a number in [0, 1].")
     if not 0 <= args.general_start < 1:
         raise ValueError(f"--general-start {args.general_start}: a number in [0, 1) (0.5: the second half).")
-    load = _from_ckpt if args.ckpt else _from_adapter
-    model, tok, base_name, masks = load(args.ckpt or args.adapter, args.model, args.merge_into)
+    if args.ckpt:
+        model, tok, base_name, masks = _from_ckpt(args.ckpt, args.model, args.merge_into, args.allow_unsafe_load)
+    else:
+        model, tok, base_name, masks = _from_adapter(args.adapter, args.model, args.merge_into)
     cfg = export_config(model, qat_grid, **grid, **solver)
     tokens = None
     if args.calibration is not None:

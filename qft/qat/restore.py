@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from .config import QATConfig
 from .prepare import fake_quant_modules, prepare
 
 
 def _load(checkpoint):
     if isinstance(checkpoint, (str, os.PathLike)):
-        return torch.load(checkpoint, map_location="cpu", weights_only=False)
+        from qft.safe_load import load_checkpoint
+
+        return load_checkpoint(checkpoint)  # weights-only: a QAT state is plain containers and tensors
     return checkpoint
 
 
