@@ -80,7 +80,13 @@ def run_eval(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``qft <command> ...``; ``--verbose`` anywhere keeps the library lines qft silences (qft.console)."""
+    from .console import quiet
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    quiet(verbose)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         lightning_cli(argv)
         return

@@ -113,6 +113,7 @@ def main(argv=None) -> dict:
     p.add_argument("--calib-len", type=int, default=64)
     p.add_argument("--wikitext", default=None, help=f"WikiText-2 test file (default {WIKITEXT}, if present)")
     p.add_argument("--out", default=None, help="run directory (default runs/demo-<time>; must not exist)")
+    p.add_argument("--verbose", action="store_true", help="keep the library lines qft silences (qft.console)")
     args = p.parse_args(argv)
     if not 0 <= args.qat_start < args.steps:
         raise ValueError(f"--qat-start {args.qat_start}: must be in [0, --steps={args.steps}).")
@@ -120,12 +121,14 @@ def main(argv=None) -> dict:
     import pytorch_lightning as pl
 
     from . import models
+    from .console import quiet
     from .export import calibration_mix, load_quantized
     from .export.calibration import GENERAL_FRACTION, model_max_length
     from .export.config import GPTQConfig
     from .export.pipeline import export
     from .layers import fake_quant_disabled
 
+    quiet(args.verbose)
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists():
         raise FileExistsError(f"--out {str(out)!r} already exists; qft never overwrites a result. Pick another.")
