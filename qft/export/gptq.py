@@ -256,3 +256,14 @@ def relative_output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) ->
     num = ((D @ H) * D).sum()
     den = ((W.float() @ H) * W.float()).sum().clamp_min(1e-30)
     return float(num / den)
+
+
+def direct_output_error(W: torch.Tensor, Wq: torch.Tensor, X: torch.Tensor) -> float:
+    """``||X (W - Wq)^T||^2 / ||X W^T||^2`` on inputs ``X [tokens, in]``: the relative squared output error,
+    computed from the inputs themselves, so it is never negative (a bf16-accumulated Hessian's quadratic
+    form can be, where the error lies in its near-null directions)."""
+    X = X.to(torch.float32)
+    W32 = W.to(X.device, torch.float32)
+    num = (X @ (W32 - Wq.to(X.device, torch.float32)).t()).square().sum()
+    den = (X @ W32.t()).square().sum().clamp_min(1e-30)
+    return float(num / den)

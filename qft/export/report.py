@@ -1,7 +1,9 @@
 """The per-layer quantization-error table (CSV + JSON) and its PNG plot, written next to the checkpoint.
 
 Why: a single perplexity hides which layers suffer. ``rel_output_error`` = ||(W - Q) X||^2 / ||W X||^2 on
-the calibration inputs points at the layers worth keeping in higher precision or a smaller group.
+the calibration inputs (a strided sample of about 2048 of each layer's input tokens, computed from the
+inputs themselves so it is never negative) points at the layers worth keeping in higher precision or a
+smaller group.
 """
 from __future__ import annotations
 

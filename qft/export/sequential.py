@@ -31,7 +31,8 @@ from torch import nn
 from .blocks import (block_linears, check_model, child_endings, discover_groups, final_children, find_decoder_blocks,
                      replaying, run_block, slice_kwargs)
 from .config import GPTQConfig
-from .gptq import HessianAccumulator, QuantizedWeight, damped_inverse_cholesky, gptq_solve, params_for_groups, relative_output_error, rtn_solve
+from .gptq import (HessianAccumulator, QuantizedWeight, damped_inverse_cholesky, direct_output_error, gptq_solve,
+                   params_for_groups, relative_output_error, rtn_solve)
 
 
 class _StopForward(Exception):
@@ -84,6 +85,8 @@ def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int, device) -
     return cache
 
 
+REPORT_TOKENS = 2048  # calibration tokens per layer for the report's direct output error
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | None = None, device=None,
                    batch_size: int = 16, progress: bool = True, reuse_outputs: bool = True,
@@ -124,7 +127,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
 
     fixed = fixed or {}
 
-    def commit(i, names, lin_map, qw: QuantizedWeight, seconds, n_tokens, H=None, method=cfg.method):
+    def commit(i, names, lin_map, qw: QuantizedWeight, seconds, n_tokens, X=None, method=cfg.method):
         start = 0
         for n in names:
             lin = lin_map[n]
@@ -133,9 +136,10 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             full = f"{prefix}.{i}.{n}"
             quantized[full] = part
             deq = part.dequantize().to(lin.weight.device)
-            # per layer, on its calibration inputs (RTN has none: H = I, the relative weight error)
-            h = H if H is not None else torch.eye(lin.in_features, device=deq.device)
-            part.rel_error = relative_output_error(lin.weight, deq, h)
+            # per layer, directly on a sample of its calibration inputs, so it cannot go negative as the
+            # quadratic form of a bf16-accumulated Hessian can (RTN has none: the relative weight error)
+            part.rel_error = (direct_output_error(lin.weight, deq, X) if X is not None else
+                              relative_output_error(lin.weight, deq, torch.eye(lin.in_features, device=deq.device)))
             lin.weight.copy_(deq.to(lin.weight))
             rows.append(dict(layer=full, block=i, in_features=lin.in_features, out_features=lin.out_features,
                              shared_with=",".join(x for x in names if x != n), method=method, bits=cfg.bits,
@@ -168,6 +172,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     if anchor:
         cache += capture_block_inputs(model, tokens[n_task:], batch_size, device)
     groups = None
+    sample_stride = max(1, tokens.numel() // REPORT_TOKENS)  # a token sample for the report's errors
     low_precision = _low_precision(cfg, cache)  # same activations dtype in every block
     for i, block in enumerate(blocks):
         bar.set_postfix_str(f"block {i + 1}/{len(blocks)}")
@@ -192,8 +197,9 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             capture = [c for c, last in final_after.items() if last == si - 1 and c not in saved]
             stage_out = _collect_stage(block, lins, stage, cache, device, keep=tail, replay=saved, capture=capture,
                                        low_precision=low_precision, split=split,
-                                       keep_inputs=[_group_head(stage, lin) for lin, _ in ending.values()])
-            accs, fwd_s, outs, tail_inputs, captured, kept = stage_out
+                                       keep_inputs=[_group_head(stage, lin) for lin, _ in ending.values()],
+                                       sample_stride=sample_stride)
+            accs, fwd_s, outs, tail_inputs, captured, kept, samples = stage_out
             saved.update({c: o for c, o in captured.items() if len(o) == len(cache)})
             for g in stage:
                 t1 = time.perf_counter()
@@ -219,7 +225,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                         qw = gptq_solve(W, H, cfg, report_error=False, grid=keep_grid)
                         method = "qat+gptq" if given else cfg.method
                     commit(i, names, lins, qw.cpu(), time.perf_counter() - t1 + fwd_s / len(stage),
-                           accs[g[0]].n_tokens, H, method=method)
+                           accs[g[0]].n_tokens, torch.cat(samples[g[0]]), method=method)
             for c, (lin, n_out) in ending.items():  # now final: replay as quantized linear(saved input)
                 xs = kept[_group_head(stage, lin)]
                 if len(xs) == len(cache):
@@ -257,7 +263,7 @@ def _group_head(stage, linear: str) -> str:
 
 
 def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, capture=(), low_precision=False,
-                   keep_inputs=(), split=None):
+                   keep_inputs=(), split=None, sample_stride=1):
     """Run the cached inputs through ``block`` to accumulate the Hessians of ``stage``'s groups.
 
     Without ``keep`` the forward stops at the pre-hook of the last group's first layer (its input is all
@@ -265,7 +271,8 @@ def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, c
     Children named in ``replay`` return their saved outputs instead of running; those in ``capture``
     have their outputs saved (complete only if the forward got past them); the layers in ``keep_inputs``
     (group heads of this stage) have their inputs saved. With ``split``, batches from that index on are
-    general text and get Hessians of their own (``SplitHessian``).
+    general text and get Hessians of their own (``SplitHessian``). Every ``sample_stride``-th input token
+    of each group is kept in fp32 (``samples``), for the report's direct output error.
     """
     t0 = time.perf_counter()
     source = [0]  # which part of the calibration set the current batch is from
@@ -273,6 +280,10 @@ def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, c
         (lambda n: SplitHessian(n, device, low_precision, source))
     accs = {g[0]: make(lins[g[0]].in_features) for g in stage}
     handles = [lins[g[0]].register_forward_pre_hook(lambda m, a, acc=accs[g[0]]: acc.add(a[0])) for g in stage]
+    samples = {g[0]: [] for g in stage}
+    handles += [lins[g[0]].register_forward_pre_hook(
+        lambda m, a, k=g[0]: samples[k].append(a[0].reshape(-1, a[0].shape[-1])[::sample_stride].float()))
+        for g in stage]
     captured = {c: [] for c in capture}
     kept = {n: [] for n in keep_inputs}
     handles += [lins[n].register_forward_pre_hook(lambda m, a, n=n: kept[n].append(a[0])) for n in kept]
@@ -296,7 +307,7 @@ def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, c
     finally:
         for h in handles:
             h.remove()
-    return accs, time.perf_counter() - t0, outs, inputs, captured, kept
+    return accs, time.perf_counter() - t0, outs, inputs, captured, kept, samples
 
 
 class SplitHessian:
