@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 from functools import partial
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -29,6 +30,7 @@ def _load_rows(path: str, kind: str) -> list[dict]:
         raise FileNotFoundError(f"QFTDataModule(path={path!r}): no such file.")
     if os.path.getsize(path) == 0:
         raise ValueError(f"QFTDataModule(path={path!r}): the file is empty.")
+    _check_readable(path, kind)  # a qft message with the line, before `datasets` fails without one
     if kind == "text":
         ds = load_dataset("text", data_files=path, sample_by="document", split="train")
     else:
@@ -37,6 +39,39 @@ def _load_rows(path: str, kind: str) -> list[dict]:
     if not rows:
         raise ValueError(f"QFTDataModule(path={path!r}): the file holds no records.")
     return rows
+
+
+def _check_readable(path: str, kind: str) -> None:
+    """Refuse a file that is not UTF-8 text (a binary file as ``task: text``) or not valid JSON/JSONL,
+    naming the file and the line."""
+    import json
+
+    data = Path(path).read_bytes()
+    if b"\x00" in data[: 1 << 20]:
+        raise ValueError(f"QFTDataModule(path={path!r}): this looks like a binary file (it holds NUL bytes), not "
+                         f"{'text' if kind == 'text' else 'JSON/JSONL'}; point path at a UTF-8 text file.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"QFTDataModule(path={path!r}): line {line} is not UTF-8 (byte {e.start}); save the file "
+                         "as UTF-8.") from None
+    if kind == "text":
+        return
+    if text.lstrip().startswith("["):  # one JSON array
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"QFTDataModule(path={path!r}): invalid JSON at line {e.lineno}, column {e.colno}: "
+                             f"{e.msg}.") from None
+        return
+    for number, line in enumerate(text.splitlines(), 1):  # JSON Lines: one record per line
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"QFTDataModule(path={path!r}): line {number} is not valid JSON ({e.msg}); JSONL "
+                                 f"needs one JSON object per line: {line[:80]!r}") from None
 
 
 def instruct_messages(row: dict, path: str) -> list[dict]:

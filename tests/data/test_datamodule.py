@@ -25,6 +25,20 @@ def test_empty_file_is_named(tmp_path):
         dm.setup()
 
 
+@pytest.mark.parametrize("task,name,content,match", [
+    ("text", "model.bin", b"\x00\x01\x02binary\x00", r"model\.bin.*binary file"),
+    ("text", "latin1.txt", "line one\ncaf\xe9\n".encode("latin-1"), r"latin1\.txt.*line 2 is not UTF-8"),
+    ("instruct", "d.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n',
+     r"d\.jsonl.*line 2 is not valid JSON"),
+    ("instruct", "d.json", b'[{"instruction": "a",\n "output": "b"},\n oops]', r"d\.json.*invalid JSON at line 3"),
+])
+def test_unreadable_data_names_the_file_and_line(tmp_path, task, name, content, match):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        _dm(task=task, path=str(p)).setup()
+
+
 def test_missing_column_is_named(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps({"instruction": "hi", "answer": "x"}) for _ in range(3)))
