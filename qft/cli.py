@@ -52,7 +52,7 @@ def load_for_eval(args):
     if args.ckpt:
         from .module import CausalLMModule
 
-        module = CausalLMModule.load_any(args.ckpt, getattr(args, "allow_unsafe_load", False), map_location="cpu")
+        module = CausalLMModule.load_any(args.ckpt, args.allow_unsafe_load, map_location="cpu")
         return module.model, module.tokenizer
     model, tok = models.load(args.model)
     if args.adapter:

@@ -30,26 +30,30 @@ def _load_rows(path: str, kind: str) -> list[dict]:
         raise FileNotFoundError(f"QFTDataModule(path={path!r}): no such file.")
     if os.path.getsize(path) == 0:
         raise ValueError(f"QFTDataModule(path={path!r}): the file is empty.")
-    _check_readable(path, kind)  # a qft message with the line, before `datasets` fails without one
-    if kind == "text":
-        ds = load_dataset("text", data_files=path, sample_by="document", split="train")
-    else:
-        ds = load_dataset("json", data_files=path, split="train")
+    with open(path, "rb") as f:
+        if b"\x00" in f.read(1 << 20):  # valid UTF-8 can hold NULs, so `datasets` would read a binary file
+            raise ValueError(f"QFTDataModule(path={path!r}): this looks like a binary file (it holds NUL bytes), "
+                             f"not {'text' if kind == 'text' else 'JSON/JSONL'}; point path at a UTF-8 text file.")
+    try:
+        if kind == "text":
+            ds = load_dataset("text", data_files=path, sample_by="document", split="train")
+        else:
+            ds = load_dataset("json", data_files=path, split="train")
+    except Exception:
+        _locate_error(path, kind)  # `datasets` names neither the file nor the line: find them
+        raise
     rows = ds.to_list()
     if not rows:
         raise ValueError(f"QFTDataModule(path={path!r}): the file holds no records.")
     return rows
 
 
-def _check_readable(path: str, kind: str) -> None:
-    """Refuse a file that is not UTF-8 text (a binary file as ``task: text``) or not valid JSON/JSONL,
-    naming the file and the line."""
+def _locate_error(path: str, kind: str) -> None:
+    """After ``datasets`` failed on ``path``: raise a qft message naming the line that is not UTF-8 or not
+    valid JSON/JSONL (returns if it finds none, and the library's error stands)."""
     import json
 
     data = Path(path).read_bytes()
-    if b"\x00" in data[: 1 << 20]:
-        raise ValueError(f"QFTDataModule(path={path!r}): this looks like a binary file (it holds NUL bytes), not "
-                         f"{'text' if kind == 'text' else 'JSON/JSONL'}; point path at a UTF-8 text file.")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

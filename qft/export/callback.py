@@ -140,7 +140,6 @@ class GPTQExportCallback(pl.Callback):
             general = skip_start(self.general_calibration, self.general_start)
             self.tokens = calibration_mix(source, general, tokenizer, self.n_samples, self.seq_len,
                                           self.general_fraction, max_length=model_max_length(model))
-            self._anchoring = dict(general_rows=self.general_rows, general_target=self.general_target)
             return
         self._anchoring = dict(general_rows=0, general_target="trained")  # nothing is solved, nothing to anchor
         # The learned grid is written as is: tokens serve only the drift check (qft.export.merge.drift),
