@@ -10,8 +10,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+# what qft raises on purpose when an argument is wrong (its message names the argument, value and fix)
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
+PACKAGE = Path(__file__).resolve().parent
+
+
+def _raised_by_qft(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE)
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The validation error qft raised, if ``exc`` is one or wraps one, else ``None``.
+
+    jsonargparse reports a class whose ``__init__`` refused an argument inside its own "does not validate
+    against any of the Union subtypes" error; the qft error is on that error's cause chain.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, USER_ERRORS) and _raised_by_qft(exc):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True):
@@ -80,13 +106,29 @@ def run_eval(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``qft <command> ...``; ``--verbose`` anywhere keeps the library lines qft silences (qft.console)."""
+    """``qft <command> ...``; ``--verbose`` anywhere keeps the library lines qft silences (qft.console).
+
+    An argument qft refuses ends the command with its one-line message and exit status 2, not a
+    traceback (``--verbose`` shows it); library errors and bugs keep their traceback.
+    """
     from .console import quiet
 
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
     argv = [a for a in argv if a != "--verbose"]
     quiet(verbose)
+    try:
+        _dispatch(argv)
+    except Exception as exc:
+        cause = None if verbose else user_error(exc)
+        if cause is None:
+            raise  # a library error or a bug: the traceback is what helps
+        message = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
+        print(f"qft {argv[0] if argv else ''}: error: {message}\n(--verbose shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _dispatch(argv: list[str]) -> None:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         lightning_cli(argv)
         return

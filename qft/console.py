@@ -17,6 +17,9 @@ WARNINGS = [
     (r"`is_gradient_checkpointing` is deprecated", "transformers calling its own deprecated API (peft's call path)"),
     (r"Starting from v1\.9\.0, `tensorboardX` has been removed",
      "Lightning: the CSV logger it falls back to is what qft expects"),
+    (r"LightningCLI's args parameter is intended to run from within Python",
+     "Lightning: `qft fit` hands LightningCLI its arguments without --verbose, as it should"),
+    (r"'set_vital' is deprecated", "torchdata's StatefulDataLoader calling a deprecated torch API"),
 ]
 LOG_LINES = [
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community",

@@ -66,6 +66,11 @@ def causal_lm_loss(model, batch: dict) -> torch.Tensor:
                                              ignore_index=IGNORE)
 
 
+def batch_tokens(batch: dict) -> int:
+    """Tokens a batch trains on (padding excluded when there is an attention mask)."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
 QFT_ADAPTER_META = "qft_adapter.json"
 
 
@@ -216,15 +221,18 @@ class CausalLMModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         with self._autocast():
             loss = self.step_loss(batch, "train")
-        n_tok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/ppl", torch.exp(loss.detach().float().clamp(max=20)), batch_size=bs)
-        if self._t_batch is not None:
-            self.log("train/tokens_per_s", n_tok / max(time.perf_counter() - self._t_batch, 1e-9), batch_size=bs)
         if self.trainer is not None and self.trainer.optimizers:
             self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # after backward and the optimizer step, so the rate is that of whole training steps
+        if self._t_batch is not None:
+            self.log("train/tokens_per_s", batch_tokens(batch) / max(time.perf_counter() - self._t_batch, 1e-9),
+                     prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
     def validation_step(self, batch, batch_idx):
         return self._eval_step(batch, "val")

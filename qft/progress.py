@@ -2,7 +2,7 @@
 
 Why not Lightning's progress bar: a bar redrawn in place turns into thousands of carriage returns in a
 CI log or a ``tee``'d file, and says nothing once scrolled away. A line per ``every`` steps, with the
-loss, the step time and the time left, keeps a long CPU fit from looking hung and reads well anywhere.
+loss, the step time, tokens/s and the time left, keeps a long CPU fit from looking hung and reads well anywhere.
 """
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import time
 
 import pytorch_lightning as pl
 
+from .module import batch_tokens
+
 
 class ProgressLines(pl.Callback):
-    """Print ``step k/N  loss  s/step  eta`` every ``every`` optimizer steps (rank zero only).
+    """Print ``step k/N  loss  s/step  tokens/s  eta`` every ``every`` optimizer steps (rank zero only).
 
     Lifecycle: ``on_train_start`` starts the clock; ``on_train_batch_end`` prints when the global step
     is a multiple of ``every`` or the last one. Holds no state worth checkpointing.
@@ -26,17 +28,20 @@ class ProgressLines(pl.Callback):
         self._last = -1
 
     def on_train_start(self, trainer, pl_module):
-        self._t0, self._start_step = time.perf_counter(), trainer.global_step
+        self._t0, self._start_step, self._tokens = time.perf_counter(), trainer.global_step, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if isinstance(batch, dict) and "input_ids" in batch:
+            self._tokens += batch_tokens(batch)
         step, total = trainer.global_step, trainer.max_steps if trainer.max_steps > 0 else None
         if not trainer.is_global_zero or step == self._last or not (step % self.every == 0 or step == total):
             return
         self._last = step
-        done = max(step - self._start_step, 1)
-        per = (time.perf_counter() - self._t0) / done
+        done, elapsed = max(step - self._start_step, 1), time.perf_counter() - self._t0
+        per = elapsed / done
         loss = trainer.callback_metrics.get("train/loss")
         parts = [f"step {step}" + (f"/{total}" if total else ""),
                  f"loss {float(loss):.3f}" if loss is not None else None, f"{per:.2f} s/step",
+                 f"{self._tokens / max(elapsed, 1e-9):.0f} tokens/s" if self._tokens else None,
                  f"eta {per * (total - step):.0f} s" if total else None]
         print(self.prefix + "  ".join(p for p in parts if p), flush=True)

@@ -27,6 +27,10 @@ def load_checkpoint(path, allow_unsafe: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r}: no such file (a Lightning .ckpt is expected).")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch's zip format, or a legacy pickle
+        raise _unreadable(path, ValueError(f"it starts with {head!r}, not a zip archive or a pickle"))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -60,3 +60,57 @@ def test_eval_perplexity_on_a_text_file(tmp_path):
 def test_eval_without_anything_to_measure_fails_clearly():
     r = _qft("eval", "--model", "tiny-llama", "--task", "none")
     assert r.returncode != 0 and "nothing to measure" in r.stderr
+
+
+def _refused(r, *fragments):
+    """A refused argument: exit status 2, qft's one-line message on stderr, no traceback."""
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "qft " in r.stderr and ": error: " in r.stderr, r.stderr[-3000:]
+    for f in fragments:
+        assert f in r.stderr, (f, r.stderr[-3000:])
+
+
+def test_fit_with_a_missing_data_file_says_so_without_a_traceback(tmp_path):
+    missing = tmp_path / "nope.txt"
+    r = _qft("fit", "--config", "recipes/lora_shakespeare.yaml", f"--data.init_args.path={missing}",
+             "--model.init_args.model=tiny-llama", f"--trainer.default_root_dir={tmp_path}")
+    _refused(r, f"QFTDataModule(path='{missing}'): no such file")
+    assert "Union subtypes" not in r.stderr
+
+
+def test_fit_with_a_model_typo_lists_the_built_ins(tmp_path):
+    r = _qft("fit", "--config", "recipes/qlora_synthetic.yaml", "--model.init_args.model=smollm3-135m",
+             f"--trainer.default_root_dir={tmp_path}")
+    _refused(r, "'smollm3-135m'", "smollm2-135m", "tiny-llama", "network")
+
+
+def test_eval_of_a_text_file_as_checkpoint_names_the_file(tmp_path):
+    bad = tmp_path / "notes.ckpt"
+    bad.write_text("not a checkpoint\n")
+    _refused(_qft("eval", "--ckpt", str(bad), "--num-val", "2"), str(bad), "corrupt")
+
+
+def test_verbose_keeps_the_traceback(tmp_path):
+    bad = tmp_path / "notes.ckpt"
+    bad.write_text("not a checkpoint\n")
+    r = _qft("eval", "--ckpt", str(bad), "--verbose")
+    assert r.returncode == 1 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
+
+
+def test_only_errors_qft_raises_are_shortened():
+    from qft.cli import user_error
+    from qft.data import QFTDataModule
+
+    try:
+        QFTDataModule(task="nope")
+    except ValueError as e:
+        ours = e
+    try:
+        int("x")  # raised inside Python, not by qft: keeps its traceback
+    except ValueError as e:
+        theirs = e
+    assert user_error(ours) is ours and user_error(theirs) is None
+    try:
+        raise RuntimeError("wrapper") from ours  # how jsonargparse wraps a refused __init__
+    except RuntimeError as e:
+        assert user_error(e) is ours

@@ -94,8 +94,8 @@ def instruct_messages(row: dict, path: str) -> list[dict]:
 
 
 class EpochShuffle(Sampler):
-    """A shuffle that depends only on (seed, epoch), so a run resumed at an epoch boundary sees the
-    very batches an uninterrupted run sees. Lightning calls ``set_epoch`` each epoch (under DDP it
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the very batches an
+    uninterrupted run sees (mid-epoch, the StatefulDataLoader skips the ones already served). Lightning calls ``set_epoch`` each epoch (under DDP it
     swaps in a DistributedSampler, which follows the same rule)."""
 
     def __init__(self, n: int, seed: int):
@@ -203,10 +203,16 @@ class QFTDataModule(pl.LightningDataModule):
         return {k: v[:n] for k, v in ex.items()}
 
     def _loader(self, data, shuffle):
+        # The training loader is torchdata's StatefulDataLoader: Lightning saves its position in every
+        # checkpoint and restores it, so a run killed mid-epoch resumes on the very next batch (a plain
+        # DataLoader would restart the epoch). The sampler needs no state of its own: its order depends
+        # only on (seed, epoch), and the loader fast-forwards it by the batches already served.
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        cls = StatefulDataLoader if shuffle else DataLoader
         sampler = EpochShuffle(len(data), self.hparams.seed) if shuffle else None
-        return DataLoader(data, batch_size=self.hparams.batch_size, sampler=sampler,
-                          num_workers=self.hparams.num_workers,
-                          collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
+        return cls(data, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
+                   collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
 
     def train_dataloader(self):
         return self._loader(self.train_set, shuffle=True)
