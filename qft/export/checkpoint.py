@@ -7,7 +7,8 @@ tokenizer, and the per-layer quantization report.
 
 The write is atomic: everything goes to a hidden temporary sibling directory that is renamed into place
 at the end, so a crash never leaves a half-written checkpoint, and an existing directory is never
-replaced unless ``overwrite=True``.
+replaced unless ``overwrite=True``. What a SIGKILL leaves (the hidden directories) is cleaned up, and an
+interrupted overwrite put back, by the next export of the same directory (``clean_abandoned``).
 """
 from __future__ import annotations
 
@@ -24,9 +25,56 @@ from qft.quant import QuantizedWeight, pack_gptq
 from .config import GPTQConfig
 
 
+def work_dir(out: Path, kind: str) -> Path:
+    """A hidden sibling ``.<name>.<kind>-<pid>-XXXX`` of ``out`` to work in: the pid lets a later run tell
+    a directory that an export killed mid-way left behind (``clean_abandoned``) from one still in use."""
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_abandoned(out: Path) -> list[str]:
+    """Deal with what a SIGKILLed export of ``out`` left beside it; returns what was done, one line each.
+
+    A killed export leaves at most its hidden work directories (the final rename is the only step that
+    touches ``out``). ``.tmp-``/``.gptqmodel-`` ones hold an unfinished result and are removed. An ``.old-``
+    one holds the previous result, moved aside by an ``overwrite`` swap: if the kill fell between the two
+    renames, ``out`` is missing and the previous result is put back, so nothing is lost; otherwise it is
+    the replaced result and is removed. Directories of live processes are left alone.
+    """
+    done = []
+    if not out.parent.is_dir():
+        return done
+    for d in sorted(out.parent.glob(f".{out.name}.*-*")):
+        parts = d.name[len(out.name) + 2:].split("-")
+        if len(parts) < 3 or parts[0] not in ("tmp", "old", "gptqmodel") or not parts[1].isdigit():
+            continue
+        if _alive(int(parts[1])):  # still at work (this process included)
+            continue
+        if parts[0] == "old" and (d / out.name).is_dir() and not out.exists():
+            os.rename(d / out.name, out)
+            done.append(f"restored {out} from {d.name}, where an interrupted overwrite had moved it")
+        shutil.rmtree(d, ignore_errors=True)
+        done.append(f"removed {d.name}, left by an interrupted export")
+    return done
+
+
 def check_output_dir(output_dir, overwrite: bool = False) -> Path:
-    """Fail early (before calibration) when ``output_dir`` exists and ``overwrite`` is off."""
+    """Fail early (before calibration) when ``output_dir`` exists and ``overwrite`` is off, after cleaning up
+    (and reporting on stderr) what an interrupted export of the same directory left behind."""
+    import sys
+
     out = Path(output_dir)
+    for line in clean_abandoned(out.absolute()):
+        print(f"qft export: {line}", file=sys.stderr)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output_dir={str(out)!r} already exists; pass overwrite=True (CLI: --overwrite) to "
                               "replace it, or choose a new directory.")
@@ -101,7 +149,7 @@ def save_quantized(model, quantized: dict[str, QuantizedWeight], cfg: GPTQConfig
     out = check_output_dir(output_dir, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     dtype = dtype or default_save_dtype(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = work_dir(out, "tmp")
     try:
         save_file(quantized_state_dict(model, quantized, dtype), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
@@ -136,7 +184,7 @@ def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     if out.exists():
         if not overwrite:  # appeared while we were working
             raise FileExistsError(f"output_dir={str(out)!r} appeared during the export; not overwriting it.")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = work_dir(out, "old")
         os.rename(out, old / out.name)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from qft import layers
 
 from .blocks import check_model, find_decoder_blocks
 from .calibration import CalibrationError
-from .checkpoint import check_output_dir, save_quantized, _swap_into_place
+from .checkpoint import check_output_dir, save_quantized, work_dir, _swap_into_place
 from .config import GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, check_merge_into, drift, merge_adapters
 from .sequential import quantize_model
@@ -242,7 +241,7 @@ def _export_gptqmodel(model, tokenizer, tokens, output_dir, cfg, overwrite, summ
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))
     out = Path(output_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.gptqmodel-", dir=out.parent))
+    work = work_dir(out, "gptqmodel")
     try:
         model.save_pretrained(work / "fp")
         if tokenizer is not None:
