@@ -19,6 +19,7 @@ Lifecycle
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from . import hooks, models
+from . import hooks, models, sharding
 from .data.tokenize import IGNORE
 from .qlora import QUANTIZATIONS, quantize_nf4
 
@@ -72,13 +73,32 @@ def batch_tokens(batch: dict) -> int:
 
 
 QFT_ADAPTER_META = "qft_adapter.json"
+LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
-def save_adapter(peft_model, root, name: str = "adapter", meta: dict | None = None) -> "Path":
+def adapter_state_dict(state_dict: dict, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The LoRA tensors of ``adapter`` as peft saves them: ``...q_proj.lora_A.weight`` (no adapter name).
+
+    Selected by key, not by peft's layer classes: peft (0.21) finds adapter weights by visiting its own
+    LoRA layers, and QAT's ``FakeQuantLoRALinear`` takes their place while keeping their keys, so
+    ``PeftModel.save_pretrained`` of a QAT-trained model wrote an empty adapter.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        for part in LORA_PARTS:
+            tag = f".{part}.{adapter}"
+            if tag in key:
+                out[key.replace(tag, f".{part}", 1)] = value.detach().to("cpu").contiguous()
+    return out
+
+
+def save_adapter(peft_model, root, name: str = "adapter", meta: dict | None = None,
+                 state_dict: dict | None = None) -> "Path":
     """Write peft adapters into ``root/name`` (or ``name-1``, ``name-2``... if taken) via a temp dir + rename.
 
     ``meta`` (what the adapters were trained on: base model, NF4 or not) goes beside them in
     ``qft_adapter.json``, so ``qft export --adapter`` can merge into the base they were trained on.
+    ``state_dict``: the model's full state dict, where the model itself holds only shards (FSDP).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -88,7 +108,16 @@ def save_adapter(peft_model, root, name: str = "adapter", meta: dict | None = No
         target = root / f"{name}-{i}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        peft_model.save_pretrained(tmp)
+        from safetensors.torch import save_file
+
+        adapter = peft_model.active_adapter
+        tensors = adapter_state_dict(peft_model.state_dict() if state_dict is None else state_dict, adapter)
+        if not tensors:
+            raise ValueError(f"save_adapter: the model holds no LoRA weights of adapter {adapter!r}.")
+        config = copy.deepcopy(peft_model.peft_config[adapter])
+        config.inference_mode = True  # as peft saves it
+        config.save_pretrained(tmp)
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         if meta:
             (tmp / QFT_ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)
@@ -175,6 +204,9 @@ class CausalLMModule(pl.LightningModule):
             return torch.bfloat16 if bf16_supported(self.device) else torch.float32
         return DTYPES[name]
 
+    def setup(self, stage: str) -> None:
+        sharding.check(self)  # before the model is built: FSDP with NF4 or whole-weight callbacks is refused
+
     def configure_model(self) -> None:
         if self.model_ready:
             return
@@ -202,6 +234,7 @@ class CausalLMModule(pl.LightningModule):
         self.model_ready = True
         hooks.run_hooks(self, "final")
         hooks.run_hooks(self, "observe")
+        sharding.shard(self)  # under ModelParallelStrategy (FSDP2): after every structural change
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -279,9 +312,10 @@ class CausalLMModule(pl.LightningModule):
         if not (self.hparams.save_adapter and self.hparams.adapter == "lora"):
             return
         root = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank asks
+        full = sharding.full_state_dict(self.model) if sharding.is_sharded(self.model) else None  # collective
         if self.trainer.is_global_zero:
             meta = {"model": self.hparams.model, "quantization": self.hparams.quantization}
-            self.adapter_dir = str(save_adapter(self.model, root, meta=meta))
+            self.adapter_dir = str(save_adapter(self.model, root, meta=meta, state_dict=full))
         self.adapter_dir = self.trainer.strategy.broadcast(self.adapter_dir)
 
     # ------------------------------------------------------------ checkpoints

@@ -121,6 +121,25 @@ def test_adapter_saved_in_peft_format(tokenizer, tmp_path):
     assert module2.adapter_dir.endswith("adapter-1")  # never overwrites the first
 
 
+def test_adapter_of_a_qat_trained_model_is_saved_whole(tokenizer, tmp_path):
+    # QAT swaps peft's LoRA layers for FakeQuantLoRALinear; peft's own save found no adapter weights then
+    from peft import PeftModel
+
+    from qft.models import load_model
+    from qft.qat import QATCallback
+    from qft.quant import QuantScheme
+
+    module = CausalLMModule(model="tiny-llama", adapter="lora", lora_r=4, lr=1e-2, compute_dtype="float32")
+    qat = QATCallback(weight=QuantScheme(bits=4, group_size=64, symmetric=True))
+    _fit(module, _batches(tokenizer, 2), 2, tmp_path, callbacks=[qat])
+    assert any(type(m).__name__ == "FakeQuantLoRALinear" for m in module.model.modules())
+    loaded = PeftModel.from_pretrained(load_model("tiny-llama"), module.adapter_dir)
+    got = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
+    want = {k: v for k, v in module.model.state_dict().items() if "lora_" in k}
+    assert len(got) == 2 * 28 and got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert any(v.abs().sum() > 0 for k, v in got.items() if "lora_B" in k)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
     batch = _batches(tokenizer, 1)[0]
     grads = []

@@ -69,6 +69,9 @@ class GPTQExportCallback(pl.Callback):
     - ``state_dict``/``load_state_dict``: whether the export ran and where, so a resumed run knows.
     """
 
+    # qft.sharding: refused under FSDP, where a rank holds only shards
+    whole_weights = "the export merges and quantizes every layer's whole weight at fit end"
+
     def __init__(self, output_dir, bits: int | None = None, group_size: int | None = None, sym: bool | None = None,
                  desc_act: bool = _D.desc_act, static_groups: bool = _D.static_groups,
                  act_group_aware: bool | None = None, true_sequential: bool = _D.true_sequential,

@@ -97,6 +97,9 @@ class PRILoRACallback(pl.Callback):
 
     PLOT_NAME = "prilora_layers.png"
 
+    # qft.sharding: refused under FSDP, where a rank holds only shards of lora_A
+    whole_weights = "it prunes whole lora_A matrices between steps by their importance"
+
     def __init__(self, config: Optional[PRILoRAConfig] = None, **kwargs):
         if config is not None and kwargs:
             raise ValueError(f"PRILoRACallback(config=..., {', '.join(kwargs)}=...): give either a PRILoRAConfig or "

@@ -54,6 +54,17 @@ class QATCallback(pl.Callback):
       ``qft.qat.restore`` rebuilds the fake-quant layers in a fresh module from a checkpoint.
     """
 
+    @property
+    def whole_weights(self) -> str | None:
+        """Why this callback cannot run on FSDP shards (``qft.sharding``), or ``None``: min-max fake-quant
+        trains sharded; learned scales and the conversion at fit end need whole weights."""
+        if self.config.range_learning:
+            return ("range_learning=True sets the learned scales from the whole weight inside the first fake-quant "
+                    "forward, and FSDP does not keep writes into its gathered parameters (min-max scales work)")
+        if self.config.convert_on_fit_end:
+            return "convert_on_fit_end=True packs whole weights at fit end (convert from the checkpoint instead)"
+        return None
+
     def __init__(self, weight: QuantScheme = QuantScheme(bits=4, group_size=128, symmetric=True),
                  activation: Optional[QuantScheme] = None, start_step: int = 0,
                  freeze_observers_step: Optional[int] = None, ignore: Sequence[str] = ("lm_head",),
