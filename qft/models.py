@@ -152,6 +152,43 @@ def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, s
     return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype)
 
 
+def tiny_llama_path(seed: int = 0) -> Path:
+    """tiny-llama with ``seed`` saved as a model directory (cached), for loaders that read from disk."""
+    target = cache_dir() / f"tiny-llama-seed{seed}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
+    try:
+        load_model("tiny-llama", seed=seed).save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_nf4_model(name: str, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32,
+                   seed: int = 0):
+    """The NF4 base of ``name`` built tensor by tensor from its safetensors (``qft.qlora.load_nf4``): the fp32
+    model is never materialised. A hub id must already be in the local Hugging Face cache."""
+    from .qlora import load_nf4
+
+    if name == "tiny-llama":
+        path = tiny_llama_path(seed)
+    elif os.path.isdir(resolve(name)):
+        path = resolve(name)
+    else:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+    return load_nf4(path, double_quant=double_quant, compute_dtype=compute_dtype)
+
+
 def load(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, seed: int = 0):
     """``(model, tokenizer)`` for ``name``."""
     return load_model(name, dtype=dtype, seed=seed), load_tokenizer(name)

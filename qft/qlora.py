@@ -14,6 +14,7 @@ Two traps decide the shape of this file:
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,28 +30,101 @@ def _bnb():
     return bnb
 
 
+def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, double_quant: bool, compute_dtype: torch.dtype):
+    """A frozen NF4 ``Linear4bit`` quantised on the CPU from ``weight`` (read as fp32, so the codes do not
+    depend on the dtype the weight arrived in)."""
+    bnb = _bnb()
+    out_f, in_f = weight.shape
+    q = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype,
+                          compress_statistics=double_quant, quant_type="nf4", device="meta")
+    q.weight = bnb.nn.Params4bit(weight.detach().to("cpu", torch.float32), requires_grad=False,
+                                 compress_statistics=double_quant, quant_type="nf4", module=q)._quantize("cpu")
+    if bias is not None:
+        q.bias = nn.Parameter(bias.detach().to("cpu").clone(), requires_grad=False)
+    q.support_avx512bf16_for_cpu = False  # see module docstring: keep the layout merge-safe
+    return q
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, p) or name.endswith(p) for p in skip)
+
+
 def quantize_nf4(model: nn.Module, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32,
                  skip: tuple[str, ...] = ("lm_head",)) -> int:
     """Replace every ``nn.Linear`` of ``model`` (except names matching ``skip``) by a frozen NF4
     ``bitsandbytes.nn.Linear4bit``, quantised from the current weights. Returns the number swapped."""
-    bnb = _bnb()
     swapped = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is not nn.Linear or any(fnmatch.fnmatch(full, p) or full.endswith(p) for p in skip):
+            if type(child) is not nn.Linear or _skipped(full, skip):
                 continue
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
-                                  device="meta")
-            q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.float32), requires_grad=False,
-                                         compress_statistics=double_quant, quant_type="nf4", module=q)
-            if child.bias is not None:
-                q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
-            q.weight = q.weight._quantize("cpu") if child.weight.device.type == "cpu" else q.weight.to(child.weight.device)
-            q.support_avx512bf16_for_cpu = False  # see module docstring: keep the layout merge-safe
+            q = nf4_linear(child.weight, child.bias, double_quant, compute_dtype)
+            if child.weight.device.type != "cpu":
+                q = q.to(child.weight.device)
             setattr(module, child_name, q)
             swapped += 1
     model.is_loaded_in_4bit = True
     return swapped
 
+
+def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32,
+             skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """The NF4 base of the safetensors checkpoint in ``path``, built one tensor at a time.
+
+    The model skeleton is created with its parameters on the meta device (``accelerate``'s
+    ``init_empty_weights``; buffers such as rotary frequencies stay real), and each tensor is read from
+    disk (memory-mapped) when it is placed: a linear weight is quantised to NF4 at once and its fp32 copy
+    dropped; the frozen embeddings and LM head are kept in ``compute_dtype`` (bf16 where supported) instead
+    of fp32; norms and biases stay fp32. The whole fp32 model never exists, so the peak is about the NF4
+    model plus the largest single tensor. The codes equal ``quantize_nf4`` on the fp32 model (test).
+    The embedding output is returned in fp32, as the fp32 embedding gave it, so the residual stream keeps
+    the precision it had.
+    """
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"load_nf4({str(path)!r}): no *.safetensors file (a saved Hugging Face model "
+                                "directory is expected).")
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    names = {n for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)}
+    pending: dict[str, dict] = {n: {} for n in names}  # a linear waits for its weight (and bias)
+    embed = model.get_input_embeddings()
+    low = {id(embed.weight)} | {id(model.get_output_embeddings().weight)}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                owner, _, attr = key.rpartition(".")
+                if owner in pending:
+                    pending[owner][attr] = f.get_tensor(key)
+                    layer = model.get_submodule(owner)
+                    if "weight" in pending[owner] and (layer.bias is None or "bias" in pending[owner]):
+                        parts = pending.pop(owner)
+                        parent, _, child = owner.rpartition(".")
+                        q = nf4_linear(parts["weight"], parts.get("bias"), double_quant, compute_dtype)
+                        setattr(model.get_submodule(parent) if parent else model, child, q)
+                    continue
+                module = model.get_submodule(owner)
+                old = getattr(module, attr)
+                dtype = compute_dtype if id(old) in low else old.dtype
+                if isinstance(old, nn.Parameter):
+                    module._parameters[attr] = nn.Parameter(f.get_tensor(key).to(dtype), requires_grad=False)
+                else:
+                    module._buffers[attr] = f.get_tensor(key).to(dtype)
+    if pending:
+        raise KeyError(f"load_nf4({str(path)!r}): no weights for {sorted(pending)[:3]} in {[f.name for f in files]}.")
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise KeyError(f"load_nf4({str(path)!r}): the checkpoint lacks {missing[:3]}.")
+    if embed.weight.dtype != torch.float32:
+        embed.register_forward_hook(lambda module, args, out: out.float())
+    model.requires_grad_(False)
+    model.is_loaded_in_4bit = True
+    return model
