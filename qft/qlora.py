@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .tensor_stream import iter_tensors
+
 QUANTIZATIONS = ("none", "nf4", "nf4-dq")
 
 
@@ -74,7 +76,7 @@ def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torc
 
     The model skeleton is created with its parameters on the meta device (``accelerate``'s
     ``init_empty_weights``; buffers such as rotary frequencies stay real), and each tensor is read from
-    disk (memory-mapped) when it is placed: a linear weight is quantised to NF4 at once and its fp32 copy
+    disk into its own buffer when it is placed (``qft.tensor_stream``, not a memory map): a linear weight is quantised to NF4 at once and its fp32 copy
     dropped; the frozen embeddings and LM head are kept in ``compute_dtype`` (bf16 where supported) instead
     of fp32; norms and biases stay fp32. The whole fp32 model never exists, so the peak is about the NF4
     model plus the largest single tensor. The codes equal ``quantize_nf4`` on the fp32 model (test).
@@ -82,7 +84,6 @@ def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torc
     the precision it had.
     """
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -98,25 +99,24 @@ def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torc
     embed = model.get_input_embeddings()
     low = {id(embed.weight)} | {id(model.get_output_embeddings().weight)}
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                owner, _, attr = key.rpartition(".")
-                if owner in pending:
-                    pending[owner][attr] = f.get_tensor(key)
-                    layer = model.get_submodule(owner)
-                    if "weight" in pending[owner] and (layer.bias is None or "bias" in pending[owner]):
-                        parts = pending.pop(owner)
-                        parent, _, child = owner.rpartition(".")
-                        q = nf4_linear(parts["weight"], parts.get("bias"), double_quant, compute_dtype)
-                        setattr(model.get_submodule(parent) if parent else model, child, q)
-                    continue
-                module = model.get_submodule(owner)
-                old = getattr(module, attr)
-                dtype = compute_dtype if id(old) in low else old.dtype
-                if isinstance(old, nn.Parameter):
-                    module._parameters[attr] = nn.Parameter(f.get_tensor(key).to(dtype), requires_grad=False)
-                else:
-                    module._buffers[attr] = f.get_tensor(key).to(dtype)
+        for key, tensor in iter_tensors(file):
+            owner, _, attr = key.rpartition(".")
+            if owner in pending:
+                pending[owner][attr] = tensor
+                layer = model.get_submodule(owner)
+                if "weight" in pending[owner] and (layer.bias is None or "bias" in pending[owner]):
+                    parts = pending.pop(owner)
+                    parent, _, child = owner.rpartition(".")
+                    q = nf4_linear(parts["weight"], parts.get("bias"), double_quant, compute_dtype)
+                    setattr(model.get_submodule(parent) if parent else model, child, q)
+                continue
+            module = model.get_submodule(owner)
+            old = getattr(module, attr)
+            dtype = compute_dtype if id(old) in low else old.dtype
+            if isinstance(old, nn.Parameter):
+                module._parameters[attr] = nn.Parameter(tensor.to(dtype), requires_grad=False)
+            else:
+                module._buffers[attr] = tensor.to(dtype)
     if pending:
         raise KeyError(f"load_nf4({str(path)!r}): no weights for {sorted(pending)[:3]} in {[f.name for f in files]}.")
     model.tie_weights()

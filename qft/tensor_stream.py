@@ -1,0 +1,63 @@
+"""Read a safetensors file one tensor at a time with plain file reads.
+
+Why not ``safetensors.safe_open``: it memory-maps the file, and every page a tensor read touches counts
+in the process's resident set until the mapping goes, which is when the last tensor read from it is
+freed (a 576-float norm weight is enough to keep a whole 540 MB file mapped). Building SmolLM2's NF4
+base through ``safe_open`` peaked at 1288 MB RSS against 969 MB for loading the whole fp32 model;
+reading each tensor into its own buffer keeps only the tensor being placed (BENCHMARKS.md, memory).
+The format is the documented one: an 8-byte little-endian header length, a JSON header of
+``{name: {dtype, shape, data_offsets}}``, then the raw little-endian data.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def read_header(path) -> dict:
+    """``{name: {"dtype", "shape", "data_offsets"}}`` of a safetensors file (metadata dropped)."""
+    with open(path, "rb") as f:
+        return _header(f, path)[0]
+
+
+def _header(f, path) -> tuple[dict, int]:
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise ValueError(f"{str(path)!r} is not a safetensors file (shorter than its 8-byte header length).")
+    (n,) = struct.unpack("<Q", raw)
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not a safetensors file (unreadable header: {e}).") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def iter_tensors(path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every tensor of ``path``, in file order; each tensor owns its memory."""
+    if sys.byteorder != "little":
+        raise RuntimeError("tensor_stream reads little-endian safetensors data on little-endian machines only.")
+    path = Path(path)
+    with open(path, "rb") as f:
+        header, base = _header(f, path)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{str(path)!r}: tensor {name!r} has dtype {info['dtype']!r}, which qft does not "
+                                 f"read (allowed: {sorted(DTYPES)}).")
+            start, end = info["data_offsets"]
+            f.seek(base + start)
+            buf = bytearray(end - start)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"{str(path)!r} is truncated (tensor {name!r}).")
+            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            yield name, t.reshape(info["shape"])

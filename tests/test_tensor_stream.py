@@ -1,0 +1,34 @@
+"""qft.tensor_stream reads what safetensors writes, tensor by tensor, and names a broken file."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qft.tensor_stream import iter_tensors, read_header
+
+
+def test_reads_every_dtype_and_shape_as_safetensors_does(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
+               "c": torch.randn(2, 2, 2, generator=g).half(), "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+               "mask": torch.tensor([True, False]), "scalar": torch.tensor(1.5), "empty": torch.zeros(0, 4)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    want = load_file(str(path))
+    got = dict(iter_tensors(path))
+    assert got.keys() == want.keys() == read_header(path).keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape and torch.equal(got[k], want[k]), k
+    got["a.weight"].add_(1)  # each tensor owns its memory
+    assert not torch.equal(got["a.weight"], want["a.weight"])
+
+
+def test_truncated_and_foreign_files_are_named(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(1000)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        list(iter_tensors(path))
+    other = tmp_path / "notes.safetensors"
+    other.write_text("hello")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        list(iter_tensors(other))
