@@ -178,15 +178,19 @@ def load_nf4_model(name: str, double_quant: bool = False, compute_dtype: torch.d
     model is never materialised. A hub id must already be in the local Hugging Face cache."""
     from .qlora import load_nf4
 
-    if name == "tiny-llama":
-        path = tiny_llama_path(seed)
-    elif os.path.isdir(resolve(name)):
-        path = resolve(name)
-    else:
-        from huggingface_hub import snapshot_download
+    return load_nf4(local_dir(name, seed), double_quant=double_quant, compute_dtype=compute_dtype)
 
-        path = snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
-    return load_nf4(path, double_quant=double_quant, compute_dtype=compute_dtype)
+
+def local_dir(name: str, seed: int = 0) -> str:
+    """A directory holding ``name``'s config and safetensors, for loaders that read tensor by tensor
+    (tiny-llama is saved once; a hub id must already be in the local Hugging Face cache)."""
+    if name == "tiny-llama":
+        return str(tiny_llama_path(seed))
+    if os.path.isdir(resolve(name)):
+        return resolve(name)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
 
 
 def load(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, seed: int = 0):

@@ -70,6 +70,23 @@ def quantize_nf4(model: nn.Module, double_quant: bool = False, compute_dtype: to
     return swapped
 
 
+def _to_weight_dtype(module, args):
+    return tuple(a.to(module.weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _to_fp32(module, args, out):
+    return out.float()
+
+
+def fp32_interface(module: nn.Module) -> None:
+    """Let a low-precision frozen module (bf16 embeddings or head) take and give fp32 like the rest of the
+    model: floating inputs are cast to its weight's dtype, its output back to fp32. Under bf16 autocast
+    this changes nothing (the matmul runs in bf16 either way); outside it, code that runs the model in
+    fp32 (evaluation, the export's drift check) keeps working."""
+    module.register_forward_pre_hook(_to_weight_dtype)
+    module.register_forward_hook(_to_fp32)
+
+
 def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32,
              skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """The NF4 base of the safetensors checkpoint in ``path``, built one tensor at a time.
@@ -80,8 +97,8 @@ def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torc
     dropped; the frozen embeddings and LM head are kept in ``compute_dtype`` (bf16 where supported) instead
     of fp32; norms and biases stay fp32. The whole fp32 model never exists, so the peak is about the NF4
     model plus the largest single tensor. The codes equal ``quantize_nf4`` on the fp32 model (test).
-    The embedding output is returned in fp32, as the fp32 embedding gave it, so the residual stream keeps
-    the precision it had.
+    The low-precision embeddings and head take and give fp32 (``fp32_interface``), so the residual stream
+    keeps the precision it had and fp32 callers keep working.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -123,8 +140,9 @@ def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torc
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise KeyError(f"load_nf4({str(path)!r}): the checkpoint lacks {missing[:3]}.")
-    if embed.weight.dtype != torch.float32:
-        embed.register_forward_hook(lambda module, args, out: out.float())
+    for module in {embed, model.get_output_embeddings()}:
+        if module.weight.dtype != torch.float32:
+            fp32_interface(module)
     model.requires_grad_(False)
     model.is_loaded_in_4bit = True
     return model

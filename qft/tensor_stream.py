@@ -42,22 +42,58 @@ def _header(f, path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def iter_tensors(path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for every tensor of ``path``, in file order; each tensor owns its memory."""
+def _read(f, path, base: int, name: str, info: dict) -> torch.Tensor:
+    dtype = DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise ValueError(f"{str(path)!r}: tensor {name!r} has dtype {info['dtype']!r}, which qft does not read "
+                         f"(allowed: {sorted(DTYPES)}).")
+    start, end = info["data_offsets"]
+    f.seek(base + start)
+    buf = bytearray(end - start)
+    if f.readinto(buf) != len(buf):
+        raise ValueError(f"{str(path)!r} is truncated (tensor {name!r}).")
+    t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+    return t.reshape(info["shape"])
+
+
+def _check_order() -> None:
     if sys.byteorder != "little":
         raise RuntimeError("tensor_stream reads little-endian safetensors data on little-endian machines only.")
+
+
+def iter_tensors(path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every tensor of ``path``, in file order; each tensor owns its memory."""
+    _check_order()
     path = Path(path)
     with open(path, "rb") as f:
         header, base = _header(f, path)
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype = DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{str(path)!r}: tensor {name!r} has dtype {info['dtype']!r}, which qft does not "
-                                 f"read (allowed: {sorted(DTYPES)}).")
-            start, end = info["data_offsets"]
-            f.seek(base + start)
-            buf = bytearray(end - start)
-            if f.readinto(buf) != len(buf):
-                raise ValueError(f"{str(path)!r} is truncated (tensor {name!r}).")
-            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-            yield name, t.reshape(info["shape"])
+            yield name, _read(f, path, base, name, info)
+
+
+class TensorFiles:
+    """The tensors of a model directory's ``*.safetensors`` files, read by name when asked for."""
+
+    def __init__(self, directory):
+        _check_order()
+        self.directory = Path(directory)
+        files = sorted(self.directory.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{str(self.directory)!r}: no *.safetensors file (a saved Hugging Face model "
+                                    "directory is expected).")
+        self.where: dict[str, tuple[Path, int, dict]] = {}
+        for file in files:
+            with open(file, "rb") as f:
+                header, base = _header(f, file)
+            for name, info in header.items():
+                self.where[name] = (file, base, info)
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise KeyError(f"{str(self.directory)!r} holds no tensor {name!r}.")
+        file, base, info = self.where[name]
+        with open(file, "rb") as f:
+            return _read(f, file, base, name, info)

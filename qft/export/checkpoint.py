@@ -115,24 +115,25 @@ def default_save_dtype(model) -> torch.dtype:
     return torch.float16 if dt == torch.float32 else dt
 
 
-def quantized_state_dict(model, quantized: dict[str, QuantizedWeight], dtype: torch.dtype) -> dict:
-    """Full state dict with each quantized linear replaced by its GPTQ tensors (shared tensors kept once)."""
-    modules = dict(model.named_modules())
+def packed_layer(name: str, qw: QuantizedWeight, bias, dtype: torch.dtype) -> dict:
+    """The GPTQ tensors of one quantized linear (``<name>.qweight/qzeros/scales/g_idx`` and its bias)."""
+    sd = {f"{name}.{k}": v.contiguous().clone() for k, v in pack_gptq(qw.codes, qw.scale, qw.zero, qw.g_idx,
+                                                                         qw.bits).items()}
+    if bias is not None:
+        sd[f"{name}.bias"] = bias.detach().to("cpu", dtype).contiguous()
+    return sd
+
+
+def plain_tensors(module, skip: set[str], dtype: torch.dtype, prefix: str = "") -> dict:
+    """``module``'s state (floating tensors in ``dtype``) under ``prefix``, minus ``skip``; a tensor shared
+    by two names (lm_head = embed_tokens) is kept once and re-tied on load."""
     sd, seen = {}, set()
-    skip = {f"{name}.weight" for name in quantized}
-    for name, qw in quantized.items():
-        packed = pack_gptq(qw.codes, qw.scale, qw.zero, qw.g_idx, qw.bits)
-        for k, v in packed.items():
-            sd[f"{name}.{k}"] = v.contiguous().clone()
-        bias = getattr(modules[name], "bias", None)
-        if bias is not None:
-            sd[f"{name}.bias"] = bias.detach().to("cpu", dtype).contiguous()
-            skip.add(f"{name}.bias")
-    for k, v in model.state_dict().items():
+    for k, v in module.state_dict().items():
+        k = prefix + k
         if k in skip:
             continue
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if key in seen:  # tied (lm_head = embed_tokens): saved once, re-tied on load
+        if key in seen:
             continue
         seen.add(key)
         v = v.detach().to("cpu")
@@ -140,19 +141,51 @@ def quantized_state_dict(model, quantized: dict[str, QuantizedWeight], dtype: to
     return sd
 
 
-def save_quantized(model, quantized: dict[str, QuantizedWeight], cfg: GPTQConfig, output_dir, tokenizer=None,
-                   overwrite: bool = False, dtype: torch.dtype | None = None, report_rows: list | None = None,
-                   extra_files: dict | None = None) -> Path:
-    """Write the checkpoint atomically; returns the final directory."""
-    from safetensors.torch import save_file
+def quantized_state_dict(model, quantized: dict[str, QuantizedWeight], dtype: torch.dtype) -> dict:
+    """Full state dict with each quantized linear replaced by its GPTQ tensors."""
+    modules = dict(model.named_modules())
+    sd, skip = {}, set()
+    for name, qw in quantized.items():
+        bias = getattr(modules[name], "bias", None)
+        sd.update(packed_layer(name, qw, bias, dtype))
+        skip |= {f"{name}.weight", f"{name}.bias"}
+    sd.update(plain_tensors(model, skip, dtype))
+    return sd
 
-    out = check_output_dir(output_dir, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or default_save_dtype(model)
-    tmp = work_dir(out, "tmp")
-    try:
-        save_file(quantized_state_dict(model, quantized, dtype), str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+
+class CheckpointWriter:
+    """A GPTQ checkpoint written into a hidden work directory and renamed into place by ``finish``.
+
+    ``add`` writes one safetensors shard at a time (a layer-wise export writes a block per shard, so no
+    step holds more than one block's tensors); ``finish`` writes the shard index when there are several,
+    the config with its ``quantization_config``, the tokenizer and the report, then swaps the directory
+    in. Any exception (or ``abort``) removes the work directory; a SIGKILL leaves it for the next export
+    of the same directory to clean up (``clean_abandoned``).
+    """
+
+    def __init__(self, output_dir, overwrite: bool = False, n_shards: int = 1):
+        self.out = check_output_dir(output_dir, overwrite).resolve()
+        self.overwrite, self.n_shards = overwrite, n_shards
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = work_dir(self.out, "tmp")
+        self.weight_map: dict[str, str] = {}
+
+    def add(self, tensors: dict) -> None:
+        from safetensors.torch import save_file
+
+        i = len(set(self.weight_map.values())) + 1
+        if i > self.n_shards:
+            raise ValueError(f"CheckpointWriter: shard {i} of {self.n_shards}.")
+        name = "model.safetensors" if self.n_shards == 1 else f"model-{i:05d}-of-{self.n_shards:05d}.safetensors"
+        save_file(tensors, str(self.tmp / name), metadata={"format": "pt"})
+        self.weight_map.update({k: name for k in tensors})
+
+    def finish(self, model, cfg: GPTQConfig, dtype: torch.dtype, tokenizer=None, report_rows=None,
+               extra_files: dict | None = None) -> Path:
+        tmp = self.tmp
+        if self.n_shards > 1:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}, indent=2) + "\n")
         config = model.config.to_dict()
         config["architectures"] = config.get("architectures") or [type(model).__name__]
         config["dtype"] = str(dtype).replace("torch.", "")
@@ -173,11 +206,25 @@ def save_quantized(model, quantized: dict[str, QuantizedWeight], cfg: GPTQConfig
         for name, payload in (extra_files or {}).items():
             (tmp / name).write_text(payload if isinstance(payload, str) else json.dumps(payload, indent=2))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-        _swap_into_place(tmp, out, overwrite)
+        _swap_into_place(tmp, self.out, self.overwrite)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def save_quantized(model, quantized: dict[str, QuantizedWeight], cfg: GPTQConfig, output_dir, tokenizer=None,
+                   overwrite: bool = False, dtype: torch.dtype | None = None, report_rows: list | None = None,
+                   extra_files: dict | None = None) -> Path:
+    """Write the checkpoint atomically (one shard); returns the final directory."""
+    writer = CheckpointWriter(output_dir, overwrite)
+    dtype = dtype or default_save_dtype(model)
+    try:
+        writer.add(quantized_state_dict(model, quantized, dtype))
+        return writer.finish(model, cfg, dtype, tokenizer, report_rows, extra_files)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.abort()
         raise
-    return out
 
 
 def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:

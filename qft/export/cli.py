@@ -77,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="read a --ckpt that needs full unpickling (it can run code from the file: trusted "
                              "files only; qft's own checkpoints never need it)")
     parser.add_argument("--no-drift", action="store_true", help="skip the merged-vs-trained drift measurement")
+    parser.add_argument("--layerwise", action="store_true",
+                        help="read, merge and quantize one decoder block at a time from the base's safetensors, "
+                             "writing a shard per block: memory no longer grows with depth (--adapter only; no "
+                             "QAT grids, anchoring or drift)")
+    parser.add_argument("--no-reuse-outputs", action="store_true",
+                        help="recompute sub-module outputs inside a block instead of keeping them: less memory, "
+                             "more time")
     return parser
 
 
@@ -92,22 +99,27 @@ def _from_adapter(path: str, model_name: str | None, merge_into: str):
     from peft import PeftModel
 
     from qft.models import load_model, load_tokenizer
-    from qft.module import QFT_ADAPTER_META
 
-    cfg_file = Path(path) / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"--adapter {path}: no adapter_config.json; pass a peft adapter directory.")
-    model_name = model_name or json.loads(cfg_file.read_text()).get("base_model_name_or_path")
-    if not model_name:
-        raise ValueError("--adapter: the adapter does not name its base model; pass --model.")
+    model_name, quantization = _adapter_base(path, model_name)
     base = load_model(model_name, dtype=torch.float32)
-    meta_file = Path(path) / QFT_ADAPTER_META  # written by qft beside the adapters it saves
-    quantization = json.loads(meta_file.read_text()).get("quantization", "none") if meta_file.is_file() else "none"
     if check_merge_into(merge_into) == "trained" and quantization != "none":
         from qft.qlora import quantize_nf4  # adapters trained on an NF4 base merge into that base
 
         quantize_nf4(base, double_quant=quantization == "nf4-dq")
     return PeftModel.from_pretrained(base, path).eval(), load_tokenizer(model_name), model_name, None
+
+
+def _adapter_base(path: str, model_name: str | None) -> tuple[str, str]:
+    """The base model (``--model``, else what the adapter records) and the quantization it trained on."""
+    from .layerwise import adapter_base
+
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter {path}: no adapter_config.json; pass a peft adapter directory.")
+    recorded, quantization = adapter_base(path)
+    model_name = model_name or recorded
+    if not model_name:
+        raise ValueError("--adapter: the adapter does not name its base model; pass --model.")
+    return model_name, quantization
 
 
 def run(args) -> dict:
@@ -121,6 +133,8 @@ def run(args) -> dict:
     qat_grid, general_target = road(args.qat_grid, args.general_target, general_rows, args.n_samples, "qft export",
                                     args.backend)
     check_merge_into(args.merge_into, "qft export")
+    if args.layerwise:
+        _check_layerwise(args)
     check_backend(args.backend)
     check_output_dir(args.output, args.overwrite)
     for flag, value in (("--calibration", args.calibration), ("--general-calibration", args.general_calibration)):
@@ -130,6 +144,8 @@ def run(args) -> dict:
         raise ValueError(f"--general-fraction {args.general_fraction}: a number in [0, 1].")
     if not 0 <= args.general_start < 1:
         raise ValueError(f"--general-start {args.general_start}: a number in [0, 1) (0.5: the second half).")
+    if args.layerwise:
+        return _run_layerwise(args, grid, solver)
     if args.ckpt:
         model, tok, base_name, masks = _from_ckpt(args.ckpt, args.model, args.merge_into, args.allow_unsafe_load)
     else:
@@ -144,11 +160,46 @@ def run(args) -> dict:
     if tokens is None or not needs_calibration(model, cfg, qat_grid):
         general_rows, general_target = 0, "trained"  # nothing is solved, nothing to anchor
     summary = export(model, tok, tokens, args.output, cfg, base_name=base_name, merge_into=args.merge_into,
+                     reuse_outputs=not args.no_reuse_outputs,
                      masks=masks, backend=args.backend, device=args.device, dtype=args.dtype,
                      overwrite=args.overwrite, measure_drift=not args.no_drift, qat_grid=qat_grid,
                      save_dtype=args.save_dtype, general_rows=general_rows, general_target=general_target)
     print(json.dumps({k: summary[k] for k in ("output_dir", "drift", "export_drift", "quantize_s", "seconds")
                       if k in summary}, indent=2))
+    return summary
+
+
+def _check_layerwise(args) -> None:
+    refused = [("--ckpt", bool(args.ckpt), "a Lightning checkpoint holds the whole trained model; save adapters "
+                "(CausalLMModule(save_adapter=True)) and pass --adapter"),
+               ("--backend gptqmodel", args.backend != "qft", "GPTQModel loads the whole model"),
+               (f"--qat-grid {args.qat_grid}", args.qat_grid in ("keep", "refine"),
+                "learned grids live in the trained model, not in the adapters"),
+               ("--general-target base", args.general_target == "base", "the anchor needs every base weight")]
+    for flag, bad, why in refused:
+        if bad:
+            raise ValueError(f"qft export --layerwise cannot take {flag}: {why}. Drop --layerwise, or {flag}.")
+    if args.calibration is None and args.method == "gptq":
+        raise ValueError("qft export --layerwise: --calibration is required for --method gptq.")
+
+
+def _run_layerwise(args, grid: dict, solver: dict) -> dict:
+    from qft import models
+
+    from .layerwise import export_layerwise
+
+    name, quantization = _adapter_base(args.adapter, args.model)
+    tok = models.load_tokenizer(name)
+    cfg = GPTQConfig(**{k: v for k, v in grid.items() if v is not None}, **solver)
+    tokens = None
+    if args.calibration is not None:
+        tokens = calibration_mix(args.calibration, skip_start(args.general_calibration, args.general_start), tok,
+                                 args.n_samples, args.seq_len, args.general_fraction, max_length=models.max_length(name))
+    summary = export_layerwise(models.local_dir(name), args.output, cfg, tokens, adapter_dir=args.adapter,
+                               base_quantization=quantization, merge_into=args.merge_into, tokenizer=tok,
+                               overwrite=args.overwrite, device=args.device, dtype=args.dtype,
+                               save_dtype=args.save_dtype, reuse_outputs=not args.no_reuse_outputs)
+    print(json.dumps({k: summary[k] for k in ("output_dir", "seconds")}, indent=2))
     return summary
 
 

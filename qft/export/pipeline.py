@@ -160,7 +160,7 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
            merge_into: str = DEFAULT_MERGE_INTO, masks=None, backend: str = "qft", device=None, dtype: str = "auto",
            overwrite: bool = False, measure_drift: bool = True, progress: bool = True,
            qat_grid: str | None = None, save_dtype: str = "auto", general_rows: int = 0,
-           general_target: str | None = None) -> dict:
+           general_target: str | None = None, reuse_outputs: bool = True) -> dict:
     """Merge, quantize and write ``output_dir``; returns a summary (also saved as ``qft_export.json``).
 
     ``save_dtype`` is the dtype of the tensors that stay in floating point (embeddings, norms, head):
@@ -171,6 +171,8 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     model, as on the task rows: plain GPTQ) or ``"base"`` (the base model as released: the solve keeps
     the fine-tune's task behaviour on task inputs and the base's general ability on general text; see
     ``qft.export.sequential.quantize_model(anchor=...)``).
+    ``reuse_outputs=False``: recompute sub-module outputs in a block instead of keeping them (less memory,
+    more time; ``quantize_model``).
     ``drift`` compares the merged full-precision model with the trained one (what the merge changed),
     ``export_drift`` the quantized model with the trained one (what the whole export changed; zero up to
     the export dtype when a learned grid is kept). Both need ``tokens``.
@@ -202,13 +204,16 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     if measure:
         summary["drift"] = drift(trained, model, tokens)
     compute = resolve_dtype(dtype, device) if solves else torch.float32  # kept grids need no forward pass:
-    model = model.to(compute)  # the merged fp32 model is written as it is, bit for bit
+    for p in model.parameters():  # the merged fp32 model is written as it is, bit for bit. Parameters only:
+        p.data = p.data.to(compute)  # .to() would also round the rotary inv_freq buffer to bf16, and with it
+    # every calibration position's angle (off by ~0.5 rad at position 512 for a frequency near 0.75)
     summary["dtype"] = str(compute).replace("torch.", "")
     summary["group_size_warnings"] = check_model(model, cfg)
     t1 = time.perf_counter()
     if backend == "qft":
         anchor = _base_weights(base_name) if general_target == "base" else None
         quantized, rows = quantize_model(model, cfg, tokens, device=device, progress=progress, fixed=fixed,
+                                         reuse_outputs=reuse_outputs,
                                          refine=qat_grid == "refine", anchor=anchor,
                                          anchor_rows=general_rows if anchor else 0)
         del anchor

@@ -91,7 +91,8 @@ REPORT_TOKENS = 2048  # calibration tokens per layer for the report's direct out
 def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | None = None, device=None,
                    batch_size: int = 16, progress: bool = True, reuse_outputs: bool = True,
                    fixed: dict[str, QuantizedWeight] | None = None, refine: bool = False,
-                   anchor: dict[str, torch.Tensor] | None = None, anchor_rows: int = 0):
+                   anchor: dict[str, torch.Tensor] | None = None, anchor_rows: int = 0,
+                   load_block=None, release_block=None):
     """Quantize every linear layer in the decoder blocks of ``model`` (lm_head stays full precision).
 
     Returns ``(quantized, rows)``: ``{qualified layer name: QuantizedWeight}`` and per-layer report rows.
@@ -114,6 +115,11 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     With the base model's weights as the anchor, a fine-tune keeps its task behaviour and the export
     keeps the base's general ability where the two inputs differ (``qft.export.pipeline``'s
     ``general_target="base"``).
+
+    ``load_block(i, block)`` and ``release_block(i, block, quantized_of_block)`` (both or neither) let the
+    blocks live elsewhere (``qft.export.layerwise``: on disk, the skeleton on the meta device): each block
+    is loaded just before it is processed and released right after, with its quantized layers, which
+    then leave the returned ``quantized``.
     """
     from tqdm.auto import tqdm
 
@@ -150,12 +156,15 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     every_fixed = all(f"{prefix}.{i}.{n}" in fixed for i, b in enumerate(blocks) for n in block_linears(b))
     if cfg.method == "rtn" or (every_fixed and not refine):  # no calibration forward needed
         for i, block in enumerate(blocks):
+            if load_block is not None:
+                load_block(i, block)
             lins = block_linears(block)
             for n, lin in lins.items():
                 t0 = time.perf_counter()
                 given = fixed.get(f"{prefix}.{i}.{n}")
                 qw = given if given is not None else rtn_solve(lin.weight.to(device), cfg)
                 commit(i, [n], lins, qw.cpu(), time.perf_counter() - t0, 0, method="qat" if given else cfg.method)
+            _release(release_block, quantized, prefix, i, block)
         bar.close()
         return quantized, rows
 
@@ -176,6 +185,8 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     low_precision = _low_precision(cfg, cache)  # same activations dtype in every block
     for i, block in enumerate(blocks):
         bar.set_postfix_str(f"block {i + 1}/{len(blocks)}")
+        if load_block is not None:
+            load_block(i, block)
         home = next(block.parameters()).device
         block.to(device)
         lins = block_linears(block)
@@ -247,8 +258,15 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                     next_cache = [(run_block(block, hidden, kw), kw) for hidden, kw in cache]
             cache = next_cache
         block.to(home)
+        _release(release_block, quantized, prefix, i, block)
     bar.close()
     return quantized, rows
+
+
+def _release(release_block, quantized: dict, prefix: str, i: int, block) -> None:
+    if release_block is not None:
+        mine = [k for k in quantized if k.startswith(f"{prefix}.{i}.")]
+        release_block(i, block, {k: quantized.pop(k) for k in mine})
 
 
 def _low_precision(cfg: GPTQConfig, cache) -> bool:
