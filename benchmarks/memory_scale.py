@@ -11,10 +11,19 @@ RSS (VmHWM) of the whole process and of the set-up alone (model built, before th
 Export row: ``qft export`` (GPTQ int4 g64, the calibration protocol of ``gptq_vs_gptqmodel.py``: 128
 windows of 512 tokens from the second half of WikiText-2 test) of the plain SmolLM2, run as the CLI.
 
+Depth rows (``--depths``, default 30,120,240,480): a random Llama with SmolLM2's widths and that many
+decoder layers, written to bf16 safetensors shard by shard under ``--work``; for each, the peak RSS and
+time of ``qft export --layerwise``'s engine (``export_layerwise``, int4 g64, 16 x 256 calibration tokens
+from WikiText-2's second half) and of the NF4 set-up (``load_nf4``). ``capped``: the deepest model is
+exported again inside a cgroup-v1 memory limit (``--cap-mb``, swap included) smaller than its bf16
+weights; ``ok`` says whether it finished. A PNG of peak RSS against parameters is written beside the JSON.
+
 JSON: ``qlora_nf4_peak_rss_mb``, ``lora_bf16_peak_rss_mb``, ``qlora_nf4_fp32_path_peak_rss_mb``, the
 ``*_setup_peak_rss_mb`` of each, ``baseline_rss_mb`` (the interpreter with the libraries imported),
-``export_peak_rss_mb``, ``export_s``, and ``gptqmodel_export_peak_rss_mb``, ``depth`` and ``capped``,
-which stay null/empty until the layer-wise export lands (BENCHMARKS.md says so).
+``export_peak_rss_mb`` and ``export_s`` (the in-memory export), ``layerwise_export_peak_rss_mb`` (the same
+export, layer-wise), ``gptqmodel_export_peak_rss_mb`` (null: needs the interop venv), ``depth`` (a list of
+``{"layers", "params", "bf16_bytes", "export_peak_rss_mb", "export_s", "nf4_setup_peak_rss_mb"}``) and
+``capped`` (``{"cap_mb", "model_bytes", "ok", "how"}``).
 """
 from __future__ import annotations
 
@@ -105,7 +114,7 @@ def _child(args: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def export_peak(tmp: Path) -> dict:
+def export_peak(tmp: Path, *extra: str) -> dict:
     """``qft export`` of plain SmolLM2 under /usr/bin/time: its max RSS and wall time."""
     from peft import LoraConfig, get_peft_model
 
@@ -115,7 +124,7 @@ def export_peak(tmp: Path) -> dict:
     get_peft_model(load_model("smollm2-135m"), LoraConfig(r=8, target_modules="all-linear")).save_pretrained(adapter)
     cmd = [sys.executable, "-m", "qft.cli", "export", "--adapter", str(adapter), "--model", "smollm2-135m",
            "--output", str(tmp / "int4"), "--calibration", str(WIKITEXT), "--bits", "4", "--group-size", "64",
-           "--n-samples", "128", "--seq-len", "512", "--no-drift"]
+           "--n-samples", "128", "--seq-len", "512", "--no-drift", *extra]
     t0 = time.perf_counter()
     r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
@@ -124,14 +133,148 @@ def export_peak(tmp: Path) -> dict:
     return {"export_peak_rss_mb": rss / 1024.0, "export_s": time.perf_counter() - t0}
 
 
+SMOLLM2_WIDTHS = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                      vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                      rope_theta=100000.0)
+
+
+def write_deep_llama(path: Path, n_layers: int, seed: int = 0, per_shard: int = 16) -> dict:
+    """A random Llama of SmolLM2's widths and ``n_layers`` layers, written in bf16 a few layers per shard (the
+    whole model is never in memory). Returns ``{"params", "bf16_bytes"}``."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    path.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(num_hidden_layers=n_layers, **SMOLLM2_WIDTHS)
+    config.save_pretrained(path)
+    h, f, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * (h_dim := 64)
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, h), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
+    assert config.hidden_size // config.num_attention_heads == h_dim
+    params, weight_map, files = 0, {}, []
+    shard = {"model.embed_tokens.weight": rnd(config.vocab_size, h), "model.norm.weight": torch.ones(h).bfloat16()}
+    for i in range(n_layers):
+        for name, shape in shapes.items():
+            shard[f"model.layers.{i}.{name}.weight"] = rnd(*shape)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shard[f"model.layers.{i}.{norm}.weight"] = torch.ones(h).bfloat16()
+        if (i + 1) % per_shard == 0 or i + 1 == n_layers:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(path / name), metadata={"format": "pt"})
+            files.append(name)
+            params += sum(t.numel() for t in shard.values())
+            weight_map.update({k: name for k in shard})
+            shard = {}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return {"params": params, "bf16_bytes": 2 * params}
+
+
+def layerwise_worker(model_dir: str, out_dir: str, n: int, seq: int) -> dict:
+    """One layer-wise export (int4 g64) of ``model_dir``; prints its summary."""
+    import torch
+
+    from qft import models
+    from qft.export.calibration import calibration_tokens, skip_start
+    from qft.export.config import GPTQConfig
+    from qft.export.layerwise import export_layerwise
+
+    tok = models.load_tokenizer("smollm2-135m")
+    tokens = calibration_tokens(skip_start(str(WIKITEXT), 0.5), tok, n, seq)
+    t0 = time.perf_counter()
+    export_layerwise(model_dir, out_dir, GPTQConfig(bits=4, group_size=64), tokens, progress=False)
+    return {"export_s": time.perf_counter() - t0, "peak_rss_mb": vm_hwm_mb(), "threads": torch.get_num_threads()}
+
+
+def nf4_setup_worker(model_dir: str) -> dict:
+    import torch
+
+    from qft.qlora import load_nf4
+
+    load_nf4(model_dir, compute_dtype=torch.bfloat16)
+    return {"peak_rss_mb": vm_hwm_mb()}
+
+
+CGROUP = Path("/sys/fs/cgroup/memory")
+
+
+def capped_run(args: list[str], cap_mb: int) -> tuple[bool, str]:
+    """Run this script with ``args`` inside a fresh cgroup-v1 memory limit (RAM and swap); ``(ok, how)``."""
+    group = CGROUP / f"qft-cap-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(cap_mb << 20))
+        swap = group / "memory.memsw.limit_in_bytes"
+        if swap.exists():
+            swap.write_text(str(cap_mb << 20))
+    except OSError as e:
+        return False, f"no writable cgroup-v1 memory controller ({e})"
+    try:
+        script = f'echo $$ > {group}/cgroup.procs && exec "$@"'
+        r = subprocess.run(["sh", "-c", script, "sh", sys.executable, __file__, *args], capture_output=True,
+                           text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        failcnt = (group / "memory.failcnt").read_text().strip()
+        ok = r.returncode == 0
+        how = (f"cgroup v1 memory.limit_in_bytes = memory.memsw.limit_in_bytes = {cap_mb} MiB; exit "
+               f"{r.returncode}; limit hit {failcnt} times (page cache reclaimed)")
+        if not ok:
+            how += f"; stderr tail: {r.stderr[-500:]}"
+        return ok, how
+    finally:
+        group.rmdir()
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = out["depth"]
+    x = [r["params"] / 1e6 for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(x, [r["bf16_bytes"] / 2**20 for r in rows], "k:", label="bf16 weights (model size)")
+    ax.plot(x, [r["export_peak_rss_mb"] for r in rows], "o-", label="qft export --layerwise, peak RSS")
+    ax.plot(x, [r["nf4_setup_peak_rss_mb"] for r in rows], "s-", label="NF4 QLoRA set-up, peak RSS")
+    if out.get("export_peak_rss_mb"):
+        ax.plot([x[0]], [out["export_peak_rss_mb"]], "x", ms=9, label="in-memory export (SmolLM2 protocol)")
+    if out.get("gptqmodel_export_peak_rss_mb"):
+        ax.plot([x[0]], [out["gptqmodel_export_peak_rss_mb"]], "^", ms=9, label="GPTQModel (SmolLM2)")
+    if out.get("capped"):
+        ax.axhline(out["capped"]["cap_mb"], color="r", lw=0.8, label=f"cap for the capped run ({'ok' if out['capped']['ok'] else 'failed'})")
+    ax.set_xlabel("parameters (M): SmolLM2 widths, 1x-16x its depth")
+    ax.set_ylabel("MB")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--skip-export", action="store_true")
+    p.add_argument("--skip-export", action="store_true", help="skip the in-memory SmolLM2 export row")
+    p.add_argument("--depths", default="30,120,240,480", help="decoder layers of the random deep Llamas ('' to skip)")
+    p.add_argument("--work", default="/tmp/qft-memory-scale", help="where the deep models are written")
+    p.add_argument("--cap-mb", type=int, default=1536, help="memory cap of the capped run (MiB)")
+    p.add_argument("--calib", default="16x256", help="calibration of the depth rows: N x SEQ")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-args", nargs="*", default=[], help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.worker == "layerwise":
+        print(json.dumps(layerwise_worker(a.worker_args[0], a.worker_args[1], int(a.worker_args[2]),
+                                          int(a.worker_args[3]))))
+        return
+    if a.worker == "nf4":
+        print(json.dumps(nf4_setup_worker(a.worker_args[0])))
+        return
     if a.worker:
         print(json.dumps(qlora_worker(a.worker, a.steps, a.batch_size)))
         return
@@ -146,12 +289,41 @@ def main():
            "qlora_nf4_fp32_path_setup_peak_rss_mb": rows["nf4_fp32_path"]["setup_peak_rss_mb"],
            "lora_bf16_peak_rss_mb": rows["bf16"]["peak_rss_mb"],
            "lora_bf16_setup_peak_rss_mb": rows["bf16"]["setup_peak_rss_mb"], "rows": rows,
-           "export_peak_rss_mb": None, "export_s": None, "gptqmodel_export_peak_rss_mb": None, "depth": [],
-           "capped": None}
+           "export_peak_rss_mb": None, "export_s": None, "layerwise_export_peak_rss_mb": None,
+           "gptqmodel_export_peak_rss_mb": None, "depth": [], "capped": None}
     if not a.skip_export and WIKITEXT.is_file():
         with tempfile.TemporaryDirectory() as tmp:
             out.update(export_peak(Path(tmp)))
+        with tempfile.TemporaryDirectory() as tmp:
+            out["layerwise_export_peak_rss_mb"] = export_peak(Path(tmp), "--layerwise")["export_peak_rss_mb"]
+    depths = [int(d) for d in a.depths.split(",") if d]
+    if depths and WIKITEXT.is_file():
+        import shutil
+
+        n, seq = a.calib.split("x")
+        work = Path(a.work)
+        for layers in depths:
+            model_dir = work / f"llama-{layers}"
+            shutil.rmtree(model_dir, ignore_errors=True)
+            size = write_deep_llama(model_dir, layers)
+            q_dir = work / f"int4-{layers}"
+            shutil.rmtree(q_dir, ignore_errors=True)
+            exp = _child(["--worker", "layerwise", "--worker-args", str(model_dir), str(q_dir), n, seq])
+            shutil.rmtree(q_dir, ignore_errors=True)
+            setup = _child(["--worker", "nf4", "--worker-args", str(model_dir)])
+            out["depth"].append({"layers": layers, **size, "export_peak_rss_mb": exp["peak_rss_mb"],
+                                 "export_s": exp["export_s"], "nf4_setup_peak_rss_mb": setup["peak_rss_mb"]})
+            print(json.dumps(out["depth"][-1]), flush=True)
+            if layers == max(depths):
+                ok, how = capped_run(["--worker", "layerwise", "--worker-args", str(model_dir), str(q_dir), n, seq],
+                                     a.cap_mb)
+                out["capped"] = {"cap_mb": a.cap_mb, "model_bytes": size["bf16_bytes"], "layers": layers, "ok": ok,
+                                 "how": how}
+                shutil.rmtree(q_dir, ignore_errors=True)
+            shutil.rmtree(model_dir, ignore_errors=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    if out["depth"]:
+        plot(out, Path(a.out).with_suffix(".png"))
     print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=2))
 
 
