@@ -272,7 +272,7 @@ def main():
         print(json.dumps(layerwise_worker(a.worker_args[0], a.worker_args[1], int(a.worker_args[2]),
                                           int(a.worker_args[3]))))
         return
-    if a.worker == "nf4":
+    if a.worker == "nf4-setup":
         print(json.dumps(nf4_setup_worker(a.worker_args[0])))
         return
     if a.worker:
@@ -310,7 +310,7 @@ def main():
             shutil.rmtree(q_dir, ignore_errors=True)
             exp = _child(["--worker", "layerwise", "--worker-args", str(model_dir), str(q_dir), n, seq])
             shutil.rmtree(q_dir, ignore_errors=True)
-            setup = _child(["--worker", "nf4", "--worker-args", str(model_dir)])
+            setup = _child(["--worker", "nf4-setup", "--worker-args", str(model_dir)])
             out["depth"].append({"layers": layers, **size, "export_peak_rss_mb": exp["peak_rss_mb"],
                                  "export_s": exp["export_s"], "nf4_setup_peak_rss_mb": setup["peak_rss_mb"]})
             print(json.dumps(out["depth"][-1]), flush=True)
