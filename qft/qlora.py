@@ -14,12 +14,12 @@ Two traps decide the shape of this file:
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .tensor_stream import iter_tensors
+from . import memory
+from .tensor_stream import TensorFiles, place
 
 QUANTIZATIONS = ("none", "nf4", "nf4-dq")
 
@@ -93,9 +93,9 @@ def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torc
 
     The model skeleton is created with its parameters on the meta device (``accelerate``'s
     ``init_empty_weights``; buffers such as rotary frequencies stay real), and each tensor is read from
-    disk into its own buffer when it is placed (``qft.tensor_stream``, not a memory map): a linear weight is quantised to NF4 at once and its fp32 copy
-    dropped; the frozen embeddings and LM head are kept in ``compute_dtype`` (bf16 where supported) instead
-    of fp32; norms and biases stay fp32. The whole fp32 model never exists, so the peak is about the NF4
+    disk into its own buffer when it is placed (``qft.tensor_stream``, not a memory map): a linear weight
+    is quantised to NF4 at once and its fp32 copy dropped; the frozen embeddings and LM head are converted
+    to ``compute_dtype`` (bf16 where supported) chunk by chunk as they are read; norms stay fp32. The whole fp32 model never exists, so the peak is about the NF4
     model plus the largest single tensor. The codes equal ``quantize_nf4`` on the fp32 model (test).
     The low-precision embeddings and head take and give fp32 (``fp32_interface``), so the residual stream
     keeps the precision it had and fp32 callers keep working.
@@ -103,39 +103,25 @@ def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torc
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"load_nf4({str(path)!r}): no *.safetensors file (a saved Hugging Face model "
-                                "directory is expected).")
+    files = TensorFiles(path)
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    names = {n for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)}
-    pending: dict[str, dict] = {n: {} for n in names}  # a linear waits for its weight (and bias)
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)]
+    for i, name in enumerate(linears, 1):  # one weight in memory at a time, quantized at once
+        bias = files.read(f"{name}.bias") if model.get_submodule(name).bias is not None else None
+        parent, _, child = name.rpartition(".")
+        q = nf4_linear(files.read(f"{name}.weight"), bias, double_quant, compute_dtype)
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+        if i % 8 == 0:
+            memory.trim()  # the freed fp32 weights, back to the OS (qft.memory)
     embed = model.get_input_embeddings()
-    low = {id(embed.weight)} | {id(model.get_output_embeddings().weight)}
-    for file in files:
-        for key, tensor in iter_tensors(file):
-            owner, _, attr = key.rpartition(".")
-            if owner in pending:
-                pending[owner][attr] = tensor
-                layer = model.get_submodule(owner)
-                if "weight" in pending[owner] and (layer.bias is None or "bias" in pending[owner]):
-                    parts = pending.pop(owner)
-                    parent, _, child = owner.rpartition(".")
-                    q = nf4_linear(parts["weight"], parts.get("bias"), double_quant, compute_dtype)
-                    setattr(model.get_submodule(parent) if parent else model, child, q)
-                continue
-            module = model.get_submodule(owner)
-            old = getattr(module, attr)
-            dtype = compute_dtype if id(old) in low else old.dtype
-            if isinstance(old, nn.Parameter):
-                module._parameters[attr] = nn.Parameter(tensor.to(dtype), requires_grad=False)
-            else:
-                module._buffers[attr] = tensor.to(dtype)
-    if pending:
-        raise KeyError(f"load_nf4({str(path)!r}): no weights for {sorted(pending)[:3]} in {[f.name for f in files]}.")
+    low = {id(embed.weight), id(model.get_output_embeddings().weight)}
+    done = {f"{n}.{t}" for n in linears for t in ("weight", "bias")}
+    for key in (k for k in files.names() if k not in done):
+        owner, _, attr = key.rpartition(".")
+        old = model.get_parameter(key) if key in dict(model.named_parameters()) else model.get_buffer(key)
+        place(model, key, files.read(key, compute_dtype if id(old) in low else old.dtype))
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
@@ -145,4 +131,5 @@ def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torc
             fp32_interface(module)
     model.requires_grad_(False)
     model.is_loaded_in_4bit = True
+    memory.trim()
     return model

@@ -42,18 +42,33 @@ def _header(f, path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _read(f, path, base: int, name: str, info: dict) -> torch.Tensor:
+CHUNK = 16 << 20  # bytes read at a time when a tensor is converted on the way in
+
+
+def _read(f, path, base: int, name: str, info: dict, to: torch.dtype | None = None) -> torch.Tensor:
     dtype = DTYPES.get(info["dtype"])
     if dtype is None:
         raise ValueError(f"{str(path)!r}: tensor {name!r} has dtype {info['dtype']!r}, which qft does not read "
                          f"(allowed: {sorted(DTYPES)}).")
     start, end = info["data_offsets"]
     f.seek(base + start)
+    if to is not None and to != dtype and end > start:
+        # converted chunk by chunk into its final dtype: a 113 MB fp32 embedding never exists beside its bf16 copy
+        out = torch.empty(info["shape"], dtype=to).view(-1)
+        step = max(1, CHUNK // dtype.itemsize)
+        buf = bytearray(min(end - start, step * dtype.itemsize))
+        for i in range(0, out.numel(), step):
+            n = min(step, out.numel() - i)
+            view = memoryview(buf)[: n * dtype.itemsize]
+            if f.readinto(view) != len(view):
+                raise ValueError(f"{str(path)!r} is truncated (tensor {name!r}).")
+            out[i: i + n].copy_(torch.frombuffer(view, dtype=dtype))
+        return out.view(info["shape"])
     buf = bytearray(end - start)
     if f.readinto(buf) != len(buf):
         raise ValueError(f"{str(path)!r} is truncated (tensor {name!r}).")
     t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-    return t.reshape(info["shape"])
+    return t.reshape(info["shape"]) if to is None else t.reshape(info["shape"]).to(to)
 
 
 def _check_order() -> None:
@@ -69,6 +84,18 @@ def iter_tensors(path) -> Iterator[tuple[str, torch.Tensor]]:
         header, base = _header(f, path)
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             yield name, _read(f, path, base, name, info)
+
+
+def place(root: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the (meta) parameter or buffer ``name`` of ``root`` (frozen)."""
+    owner, _, attr = name.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    if attr in module._parameters:
+        module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise KeyError(f"the checkpoint holds {name!r}, which the model has no place for.")
 
 
 class TensorFiles:
@@ -91,9 +118,13 @@ class TensorFiles:
     def names(self) -> list[str]:
         return list(self.where)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor ``name`` (in ``dtype`` if given, converted chunk by chunk as it is read)."""
         if name not in self.where:
             raise KeyError(f"{str(self.directory)!r} holds no tensor {name!r}.")
         file, base, info = self.where[name]
         with open(file, "rb") as f:
-            return _read(f, file, base, name, info)
+            return _read(f, file, base, name, info, dtype)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.where[name][2]["dtype"]]

@@ -32,3 +32,20 @@ def test_truncated_and_foreign_files_are_named(tmp_path):
     other.write_text("hello")
     with pytest.raises(ValueError, match="not a safetensors file"):
         list(iter_tensors(other))
+
+
+def test_reading_into_another_dtype_converts_chunk_by_chunk(tmp_path, monkeypatch):
+    from qft import tensor_stream
+    from qft.tensor_stream import TensorFiles
+
+    monkeypatch.setattr(tensor_stream, "CHUNK", 64)  # bytes: many chunks for a 3 x 100 tensor
+    w = torch.randn(3, 100, generator=torch.Generator().manual_seed(1))
+    save_file({"w": w, "ids": torch.arange(5)}, str(tmp_path / "m.safetensors"))
+    files = TensorFiles(tmp_path)
+    assert files.dtype("w") == torch.float32 and sorted(files.names()) == ["ids", "w"]
+    got = files.read("w", torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 100) and torch.equal(got, w.to(torch.bfloat16))
+    assert torch.equal(files.read("w"), w) and torch.equal(files.read("ids"), torch.arange(5))
+    with pytest.raises(KeyError, match="holds no tensor 'nope'"):
+        files.read("nope")
+

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from qft import layers
-from qft.tensor_stream import TensorFiles, iter_tensors
+from qft.tensor_stream import TensorFiles, iter_tensors, place
 
 from .blocks import block_linears, find_decoder_blocks
 from .checkpoint import CheckpointWriter, check_output_dir, packed_layer, plain_tensors
@@ -39,16 +39,7 @@ NF4_BASES = ("none", "nf4", "nf4-dq")
 
 
 def _assign(root: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
-    """Put ``tensor`` in place of the (meta) parameter or buffer ``name`` of ``root``."""
-    owner, _, attr = name.rpartition(".")
-    module = root.get_submodule(owner) if owner else root
-    value = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    if attr in module._parameters:
-        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    elif attr in module._buffers:
-        module._buffers[attr] = value
-    else:
-        raise KeyError(f"layer-wise export: the checkpoint holds {name!r}, which the model has no place for.")
+    place(root, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
 
 
 def _skeleton(config, dtype: torch.dtype) -> nn.Module:
@@ -112,8 +103,8 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
     model = _skeleton(config, compute)
     prefix, blocks = find_decoder_blocks(model)
     outside = [n for n in files.names() if not n.startswith(prefix + ".")]
-    for name in outside:
-        _assign(model, name, files.read(name), compute)
+    for name in outside:  # the embedding converted chunk by chunk as it is read
+        place(model, name, files.read(name, compute if files.dtype(name).is_floating_point else None))
     model.tie_weights()
     deltas = adapter_layers(config, adapter_dir) if adapter_dir else {}
     nf4 = base_quantization if merge_into == "trained" else "none"
@@ -142,7 +133,7 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
             done |= {f"{name}.weight", f"{name}.bias"}
         shard.update(plain_tensors(block, done, save, prefix=head))
         writer.add(shard)
-        block.to("meta")  # frees the block's weights
+        block.to("meta")  # frees the block's weights (quantize_model then trims the heap: qft.memory)
 
     try:
         _, rows = quantize_model(model, cfg, tokens, device=device, progress=progress, reuse_outputs=reuse_outputs,

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qft import memory
+
 from .blocks import (block_linears, check_model, child_endings, discover_groups, final_children, find_decoder_blocks,
                      replaying, run_block, slice_kwargs)
 from .config import GPTQConfig
@@ -259,6 +261,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             cache = next_cache
         block.to(home)
         _release(release_block, quantized, prefix, i, block)
+        memory.trim()  # this block's activations and Hessians, back to the OS (qft.memory)
     bar.close()
     return quantized, rows
 
