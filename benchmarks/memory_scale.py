@@ -59,36 +59,30 @@ def qlora_worker(kind: str, steps: int, batch_size: int) -> dict:
 
     baseline = vm_hwm_mb()
 
-    class FP32PathModule(CausalLMModule):
-        """The NF4 set-up before load_nf4: the whole fp32 model first, then quantisation."""
+    def replay(load):
+        """A module whose base comes from ``load(hp, compute_dtype)``: the paths qft no longer takes."""
 
-        def configure_model(self):
-            if self.model_ready:
-                return
-            from peft import LoraConfig, get_peft_model
+        class Replayed(CausalLMModule):
+            def configure_model(self):
+                if self.model_ready:
+                    return
+                from peft import LoraConfig, get_peft_model
 
-            hp = self.hparams
-            self.model = models.load_model(hp.model, dtype=torch.float32)
-            self.tokenizer = models.load_tokenizer(hp.model)
-            quantize_nf4(self.model, compute_dtype=self.compute_dtype)
-            self.model = get_peft_model(self.model, LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha,
-                                                               target_modules="all-linear", task_type="CAUSAL_LM"))
-            self.model_ready = True
+                hp = self.hparams
+                self.model, self.tokenizer = load(hp, self.compute_dtype), models.load_tokenizer(hp.model)
+                self.model = get_peft_model(self.model, LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha,
+                                                                   target_modules="all-linear", task_type="CAUSAL_LM"))
+                self.model_ready = True
 
-    class BF16Module(CausalLMModule):
-        """Plain LoRA on a base loaded directly in bf16."""
+        return Replayed
 
-        def configure_model(self):
-            if self.model_ready:
-                return
-            from peft import LoraConfig, get_peft_model
+    def fp32_then_nf4(hp, dtype):  # the NF4 set-up before load_nf4: the whole fp32 model first
+        model = models.load_model(hp.model, dtype=torch.float32)
+        quantize_nf4(model, compute_dtype=dtype)
+        return model
 
-            hp = self.hparams
-            self.model = models.load_model(hp.model, dtype=torch.bfloat16)
-            self.tokenizer = models.load_tokenizer(hp.model)
-            self.model = get_peft_model(self.model, LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha,
-                                                               target_modules="all-linear", task_type="CAUSAL_LM"))
-            self.model_ready = True
+    FP32PathModule = replay(fp32_then_nf4)
+    BF16Module = replay(lambda hp, dtype: models.load_model(hp.model, dtype=torch.bfloat16))  # plain bf16 LoRA
 
     cls = {"nf4": CausalLMModule, "nf4_fp32_path": FP32PathModule, "bf16": BF16Module}[kind]
     pl.seed_everything(0)

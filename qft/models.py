@@ -69,7 +69,6 @@ def smollm2_path() -> Path:
     gguf = _smollm2_gguf()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config and weights.
@@ -78,10 +77,21 @@ def smollm2_path() -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+
+    return _cache_atomically(target, write)
+
+
+def _cache_atomically(target: Path, write) -> Path:
+    """``write(tmp)`` into a temporary sibling of ``target``, then rename it into place: a crash, or two
+    processes writing at once, never leave a half-written cache entry (the second one's copy is dropped)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
         os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, target)
@@ -157,19 +167,7 @@ def tiny_llama_path(seed: int = 0) -> Path:
     target = cache_dir() / f"tiny-llama-seed{seed}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
-    try:
-        load_model("tiny-llama", seed=seed).save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _cache_atomically(target, lambda tmp: load_model("tiny-llama", seed=seed).save_pretrained(tmp))
 
 
 def load_nf4_model(name: str, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32,

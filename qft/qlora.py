@@ -118,9 +118,11 @@ def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torc
     embed = model.get_input_embeddings()
     low = {id(embed.weight), id(model.get_output_embeddings().weight)}
     done = {f"{n}.{t}" for n in linears for t in ("weight", "bias")}
+    current = {**dict(model.named_buffers()), **dict(model.named_parameters())}  # the meta tensors to replace
     for key in (k for k in files.names() if k not in done):
-        owner, _, attr = key.rpartition(".")
-        old = model.get_parameter(key) if key in dict(model.named_parameters()) else model.get_buffer(key)
+        if key not in current:
+            raise KeyError(f"load_nf4({str(path)!r}): the checkpoint holds {key!r}, which the model has no place for.")
+        old = current[key]
         place(model, key, files.read(key, compute_dtype if id(old) in low else old.dtype))
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]

@@ -14,19 +14,12 @@ import json
 import struct
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
-
-
-def read_header(path) -> dict:
-    """``{name: {"dtype", "shape", "data_offsets"}}`` of a safetensors file (metadata dropped)."""
-    with open(path, "rb") as f:
-        return _header(f, path)[0]
 
 
 def _header(f, path) -> tuple[dict, int]:
@@ -74,16 +67,6 @@ def _read(f, path, base: int, name: str, info: dict, to: torch.dtype | None = No
 def _check_order() -> None:
     if sys.byteorder != "little":
         raise RuntimeError("tensor_stream reads little-endian safetensors data on little-endian machines only.")
-
-
-def iter_tensors(path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for every tensor of ``path``, in file order; each tensor owns its memory."""
-    _check_order()
-    path = Path(path)
-    with open(path, "rb") as f:
-        header, base = _header(f, path)
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            yield name, _read(f, path, base, name, info)
 
 
 def place(root: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qft.tensor_stream import iter_tensors, read_header
+from qft.tensor_stream import TensorFiles
 
 
 def test_reads_every_dtype_and_shape_as_safetensors_does(tmp_path):
@@ -14,8 +14,9 @@ def test_reads_every_dtype_and_shape_as_safetensors_does(tmp_path):
     path = tmp_path / "m.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
     want = load_file(str(path))
-    got = dict(iter_tensors(path))
-    assert got.keys() == want.keys() == read_header(path).keys()
+    files = TensorFiles(tmp_path)
+    got = {name: files.read(name) for name in files.names()}
+    assert got.keys() == want.keys()
     for k in want:
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape and torch.equal(got[k], want[k]), k
     got["a.weight"].add_(1)  # each tensor owns its memory
@@ -27,16 +28,16 @@ def test_truncated_and_foreign_files_are_named(tmp_path):
     save_file({"w": torch.ones(1000)}, str(path))
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated"):
-        list(iter_tensors(path))
-    other = tmp_path / "notes.safetensors"
-    other.write_text("hello")
+        TensorFiles(tmp_path).read("w")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.safetensors").write_text("hello")
     with pytest.raises(ValueError, match="not a safetensors file"):
-        list(iter_tensors(other))
+        TensorFiles(other)
 
 
 def test_reading_into_another_dtype_converts_chunk_by_chunk(tmp_path, monkeypatch):
     from qft import tensor_stream
-    from qft.tensor_stream import TensorFiles
 
     monkeypatch.setattr(tensor_stream, "CHUNK", 64)  # bytes: many chunks for a 3 x 100 tensor
     w = torch.randn(3, 100, generator=torch.Generator().manual_seed(1))

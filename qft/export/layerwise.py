@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from qft import layers
-from qft.tensor_stream import TensorFiles, iter_tensors, place
+from qft.tensor_stream import TensorFiles, place
 
 from .blocks import block_linears, find_decoder_blocks
 from .checkpoint import CheckpointWriter, check_output_dir, packed_layer, plain_tensors
@@ -54,13 +54,14 @@ def adapter_layers(config, adapter_dir) -> dict[str, nn.Module]:
     """``{plain layer name: peft LoRA layer}`` of the adapters in ``adapter_dir``, on a meta base (only the
     adapter weights are real), so ``qft.layers.adapter_delta`` gives each layer's merge delta."""
     from peft import PeftModel
+    from safetensors.torch import load_file
 
     from qft.module import LORA_PARTS
 
     peft_model = PeftModel.from_pretrained(_skeleton(config, torch.float32), str(adapter_dir))
     adapter = peft_model.active_adapter
     # peft leaves the adapter weights on the base's (meta) device: put the saved ones in by name
-    for key, tensor in iter_tensors(Path(adapter_dir) / "adapter_model.safetensors"):
+    for key, tensor in load_file(str(Path(adapter_dir) / "adapter_model.safetensors")).items():  # small
         for part in LORA_PARTS:
             key = key.replace(f".{part}.weight", f".{part}.{adapter}.weight")
         _assign(peft_model, key, tensor, torch.float32)
@@ -102,7 +103,13 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
     t0 = time.perf_counter()
     model = _skeleton(config, compute)
     prefix, blocks = find_decoder_blocks(model)
-    outside = [n for n in files.names() if not n.startswith(prefix + ".")]
+    by_block: dict[int, list[str]] = {}
+    outside = []
+    for n in files.names():
+        if n.startswith(prefix + "."):
+            by_block.setdefault(int(n[len(prefix) + 1:].split(".")[0]), []).append(n)
+        else:
+            outside.append(n)
     for name in outside:  # the embedding converted chunk by chunk as it is read
         place(model, name, files.read(name, compute if files.dtype(name).is_floating_point else None))
     model.tie_weights()
@@ -113,7 +120,7 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
     def load_block(i: int, block: nn.Module) -> None:
         head = f"{prefix}.{i}."
         lins = {f"{head}{n}" for n in block_linears(block)}
-        for name in (n for n in files.names() if n.startswith(head)):
+        for name in by_block.get(i, []):
             tensor, layer = files.read(name), name.rpartition(".")[0]
             if layer in lins and name.endswith(".weight"):
                 tensor = tensor.float()
