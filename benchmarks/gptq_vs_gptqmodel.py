@@ -1,6 +1,7 @@
 """qft's pure-torch GPTQ against GPTQModel on SmolLM2-135M (bf16), WikiText-2, 4-bit symmetric.
 
     python benchmarks/gptq_vs_gptqmodel.py --out F.json [--groups 128 64] [--n-samples 128] [--seq-len 512]
+        [--qft-roads memory layerwise layerwise-no-reuse layerwise-disk] [--skip-gptqmodel]
 
 Setup (issue 6 / shared/data/README.md conventions): the whole of ../shared/data/wikitext2_test.raw is
 tokenised; perplexity is measured on the first 16 windows of 1024 tokens; the 128 x 512 calibration
@@ -8,11 +9,18 @@ tokens come from the second half (disjoint). Every quantizer writes a GPTQ check
 checkpoint is evaluated by the same code (``qft.export.load_quantized``, bf16), so the perplexities
 compare the exported artefacts, not each tool's in-memory model.
 
-Each quantizer runs in its own subprocess, so its peak RSS (ru_maxrss) is its own: qft in this
-interpreter, GPTQModel in the interop venv (``--interop-python``, default /work/venv-interop/bin/python;
-skipped with a note when gptqmodel does not import there), with its defaults except bits/group/sym and
-``GPTQMODEL_CPU_WORKERS=2``. Timed: the quantization call only (not model load, not save).
+Each quantizer runs in its own subprocess, so its peak RSS (VmHWM) is its own: qft in this
+interpreter, GPTQModel in the interop venv (``--interop-python``, default the repository's
+``.venv-interop``, built by ``make interop``; skipped with a note when gptqmodel does not import there),
+with its defaults except bits/group/sym and ``GPTQMODEL_CPU_WORKERS=2``. Timed: the quantization call
+only (not model load, not save), and ``whole_s`` the load + quantize + save.
 ``forward_pass_s`` is one plain bf16 forward of the full model over the calibration set, the floor.
+
+qft's roads (``--qft-roads``; rows ``qft``, ``qft_layerwise``, ...): ``memory`` loads the bf16 model and
+quantizes it in memory (``quantize_model``); ``layerwise`` is ``qft export --layerwise``'s engine
+(``export_layerwise``: the skeleton on the meta device, each block read from safetensors, solved, written
+and freed; its ``s`` is the whole call, reading and writing included); ``-no-reuse`` adds
+``reuse_outputs=False`` and ``-disk`` ``calibration_offload="disk"``.
 """
 from __future__ import annotations
 
@@ -32,7 +40,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / ".." / "shared" / "data" / "wikitext2_test.raw"
-INTEROP = "/work/venv-interop/bin/python"
+INTEROP = str(ROOT / ".venv-interop" / "bin" / "python")
+ROADS = {"memory": {}, "layerwise": {}, "layerwise-no-reuse": {"reuse_outputs": False},
+         "layerwise-disk": {"calibration_offload": "disk"}}
 
 
 def rss_mb() -> float:
@@ -80,6 +90,7 @@ def worker_qft(a):
     from qft.export import GPTQConfig, quantize_model, save_quantized
     from qft.models import load
 
+    t_all = time.perf_counter()
     model, tok = load(a.model, dtype=torch.bfloat16)
     calib = torch.load(a.tokens)
     cfg = GPTQConfig(bits=4, group_size=a.group, sym=True, **json.loads(a.qft_args))
@@ -87,7 +98,24 @@ def worker_qft(a):
     quantized, rows = quantize_model(model, cfg, calib, batch_size=16, progress=False)
     secs = time.perf_counter() - t0
     save_quantized(model, quantized, cfg, a.save, tokenizer=tok, report_rows=rows)
-    Path(a.result).write_text(json.dumps({"s": secs, "peak_rss_mb": rss_mb(), "config": cfg.to_dict()}))
+    Path(a.result).write_text(json.dumps({"s": secs, "whole_s": time.perf_counter() - t_all,
+                                          "peak_rss_mb": rss_mb(), "config": cfg.to_dict()}))
+
+
+def worker_qft_layerwise(a):
+    """``qft export --layerwise``'s engine on the plain model (no adapter), in bf16."""
+    from qft.export import GPTQConfig
+    from qft.export.layerwise import export_layerwise
+    from qft.models import load_tokenizer, local_dir
+
+    t0 = time.perf_counter()
+    calib = torch.load(a.tokens)
+    cfg = GPTQConfig(bits=4, group_size=a.group, sym=True, **json.loads(a.qft_args))
+    export_layerwise(local_dir(a.model), a.save, cfg, calib, tokenizer=load_tokenizer(a.model), dtype="bfloat16",
+                     progress=False, **ROADS[a.road])
+    secs = time.perf_counter() - t0
+    Path(a.result).write_text(json.dumps({"s": secs, "whole_s": secs, "peak_rss_mb": rss_mb(),
+                                          "config": cfg.to_dict(), "road": a.road}))
 
 
 def worker_gptqmodel(a):
@@ -96,6 +124,7 @@ def worker_gptqmodel(a):
 
     from qft.models import smollm2_path
 
+    t_all = time.perf_counter()
     path = str(smollm2_path()) if a.model == "smollm2-135m" else a.model
     calib = torch.load(a.tokens)
     data = [{"input_ids": r.tolist(), "attention_mask": [1] * r.numel()} for r in calib]
@@ -106,15 +135,18 @@ def worker_gptqmodel(a):
     secs = time.perf_counter() - t0
     tmp = Path(a.save)
     model.save(str(tmp))
-    Path(a.result).write_text(json.dumps({"s": secs, "peak_rss_mb": rss_mb(),
+    Path(a.result).write_text(json.dumps({"s": secs, "whole_s": time.perf_counter() - t_all, "peak_rss_mb": rss_mb(),
                                           "config": {k: str(v) for k, v in vars(qc).items()}}))
 
 
 def start_worker(python, kind, group, tok_file, workdir, model, qft_args, env=None):
+    """``kind``: ``gptqmodel``, or ``qft`` / ``qft_<road>`` (``ROADS``, dashes as underscores)."""
     save = workdir / f"{kind}-g{group}"
     res = workdir / f"{kind}-g{group}.json"
-    cmd = [python, __file__, "--worker", kind, "--group", str(group), "--tokens", str(tok_file), "--save", str(save),
-           "--result", str(res), "--model", model, "--qft-args", qft_args]
+    road = kind[len("qft_"):].replace("_", "-") if kind.startswith("qft_") else None
+    worker = "qft-layerwise" if road else kind
+    cmd = [python, __file__, "--worker", worker, "--group", str(group), "--tokens", str(tok_file), "--save", str(save),
+           "--result", str(res), "--model", model, "--qft-args", qft_args, *(["--road", road] if road else [])]
     log = open(workdir / f"{kind}-g{group}.log", "w")
     p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
     return p, save, res, time.perf_counter()
@@ -149,19 +181,22 @@ def main():
     ap.add_argument("--eval-len", type=int, default=1024)
     ap.add_argument("--interop-python", default=INTEROP)
     ap.add_argument("--skip-gptqmodel", action="store_true")
+    ap.add_argument("--qft-roads", nargs="+", default=["memory"], choices=list(ROADS),
+                    help="qft's ways to export (rows qft, qft_layerwise, ...); see the module docstring")
     ap.add_argument("--qft-args", default="{}", help="extra GPTQConfig fields as JSON, e.g. '{\"desc_act\": true}'")
     ap.add_argument("--keep", default=None, help="directory to keep the checkpoints in")
     ap.add_argument("--concurrent", action="store_true",
                     help="run the qft and GPTQModel workers at the same time (equal load on a shared machine)")
     # worker mode
-    ap.add_argument("--worker", choices=["qft", "gptqmodel"])
+    ap.add_argument("--worker", choices=["qft", "qft-layerwise", "gptqmodel"])
+    ap.add_argument("--road", choices=list(ROADS), default="layerwise")
     ap.add_argument("--group", type=int)
     ap.add_argument("--tokens")
     ap.add_argument("--save")
     ap.add_argument("--result")
     a = ap.parse_args()
     if a.worker:
-        return (worker_qft if a.worker == "qft" else worker_gptqmodel)(a)
+        return {"qft": worker_qft, "qft-layerwise": worker_qft_layerwise, "gptqmodel": worker_gptqmodel}[a.worker](a)
     if not a.out:
         ap.error("--out F.json is required")
     if Path(a.out).exists() and not a.force:
@@ -196,7 +231,8 @@ def main():
         quantize_model(m, GPTQConfig(bits=4, group_size=g, method="rtn"), progress=False)
         r["rtn_ppl"] = perplexity(m.eval(), ev)
         del m
-        order = [("qft", sys.executable, None)]
+        order = [("qft" if road == "memory" else "qft_" + road.replace("-", "_"), sys.executable, None)
+                 for road in a.qft_roads]
         if not skip:
             order.append(("gptqmodel", a.interop_python, {"GPTQMODEL_CPU_WORKERS": "2"}))
         if a.concurrent:  # both at once: the same (shared, noisy) CPU load for both
@@ -213,6 +249,7 @@ def main():
             qm = load_quantized(ckpt, dtype=torch.bfloat16)
             r[f"{kind}_ppl"] = perplexity(qm, ev)
             r[f"{kind}_s"] = info["s"]
+            r[f"{kind}_whole_s"] = info.get("whole_s")
             r[f"{kind}_peak_rss_mb"] = info["peak_rss_mb"]
             r[f"{kind}_config"] = info["config"]
             del qm

@@ -8,8 +8,10 @@ RSS (VmHWM) of the whole process and of the set-up alone (model built, before th
   safetensors with bf16 embeddings (``qft.qlora.load_nf4``);
 - ``nf4_fp32_path``: the previous path, replayed here: load the fp32 model, then quantize it;
 - ``bf16``: plain LoRA on a base loaded directly in bf16.
-Export row: ``qft export`` (GPTQ int4 g64, the calibration protocol of ``gptq_vs_gptqmodel.py``: 128
-windows of 512 tokens from the second half of WikiText-2 test) of the plain SmolLM2, run as the CLI.
+Export rows: ``qft export`` (GPTQ int4 g64, 128 x 512 calibration tokens of WikiText-2 test) of the plain
+SmolLM2, run as the CLI: in memory, ``--layerwise``, and ``--layerwise --calibration-offload disk``; and
+GPTQModel on the same model, grid and calibration shape (``gptq_vs_gptqmodel.py``'s worker, in the
+repository's ``.venv-interop``; null when that venv is missing).
 
 Depth rows (``--depths``, default 30,120,240,480): a random Llama with SmolLM2's widths and that many
 decoder layers, written to bf16 safetensors shard by shard under ``--work``; for each, the peak RSS and
@@ -21,7 +23,8 @@ weights; ``ok`` says whether it finished. A PNG of peak RSS against parameters i
 JSON: ``qlora_nf4_peak_rss_mb``, ``lora_bf16_peak_rss_mb``, ``qlora_nf4_fp32_path_peak_rss_mb``, the
 ``*_setup_peak_rss_mb`` of each, ``baseline_rss_mb`` (the interpreter with the libraries imported),
 ``export_peak_rss_mb`` and ``export_s`` (the in-memory export), ``layerwise_export_peak_rss_mb`` (the same
-export, layer-wise), ``gptqmodel_export_peak_rss_mb`` (null: needs the interop venv), ``depth`` (a list of
+export, layer-wise; ``layerwise_disk_*`` with the calibration activations on disk),
+``gptqmodel_export_peak_rss_mb`` (null without the interop venv), ``depth`` (a list of
 ``{"layers", "params", "bf16_bytes", "export_peak_rss_mb", "export_s", "nf4_setup_peak_rss_mb"}``) and
 ``capped`` (``{"cap_mb", "model_bytes", "ok", "how"}``).
 """
@@ -125,6 +128,26 @@ def export_peak(tmp: Path, *extra: str) -> dict:
         raise RuntimeError(f"qft export failed:\n{r.stderr[-3000:]}")
     rss = next(int(l.split(":")[1]) for l in r.stderr.splitlines() if "Maximum resident set size" in l)
     return {"export_peak_rss_mb": rss / 1024.0, "export_s": time.perf_counter() - t0}
+
+
+def gptqmodel_peak(tmp: Path) -> tuple[float | None, str]:
+    """GPTQModel's peak RSS quantizing SmolLM2 (int4 g64, 128 x 512 tokens of WikiText-2's second half) with
+    ``gptq_vs_gptqmodel.py``'s worker in the interop venv; ``(None, why)`` without it."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import gptq_vs_gptqmodel as g
+
+    why = g.interop_ok(g.INTEROP)
+    if why:
+        return None, why
+    _, calib = g.tokens("smollm2-135m", 128, 512, 16, 1024)
+    torch.save(calib, tmp / "calib.pt")
+    info, _ = g.finish_worker(g.start_worker(g.INTEROP, "gptqmodel", 64, tmp / "calib.pt", tmp, "smollm2-135m", "{}",
+                                             {"GPTQMODEL_CPU_WORKERS": "2"}))
+    if info is None:
+        return None, "the GPTQModel worker failed: " + (tmp / "gptqmodel-g64.log").read_text()[-500:]
+    return info["peak_rss_mb"], f"GPTQModel worker, {info['s']:.0f} s quantize, {info['whole_s']:.0f} s whole"
 
 
 SMOLLM2_WIDTHS = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
@@ -289,7 +312,14 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             out.update(export_peak(Path(tmp)))
         with tempfile.TemporaryDirectory() as tmp:
-            out["layerwise_export_peak_rss_mb"] = export_peak(Path(tmp), "--layerwise")["export_peak_rss_mb"]
+            lw = export_peak(Path(tmp), "--layerwise")
+            out["layerwise_export_peak_rss_mb"], out["layerwise_export_s"] = lw["export_peak_rss_mb"], lw["export_s"]
+        with tempfile.TemporaryDirectory() as tmp:
+            lw = export_peak(Path(tmp), "--layerwise", "--calibration-offload", "disk")
+            out["layerwise_disk_export_peak_rss_mb"] = lw["export_peak_rss_mb"]
+            out["layerwise_disk_export_s"] = lw["export_s"]
+        with tempfile.TemporaryDirectory() as tmp:
+            out["gptqmodel_export_peak_rss_mb"], out["gptqmodel_note"] = gptqmodel_peak(Path(tmp))
     depths = [int(d) for d in a.depths.split(",") if d]
     if depths and WIKITEXT.is_file():
         import shutil

@@ -70,23 +70,6 @@ def quantize_nf4(model: nn.Module, double_quant: bool = False, compute_dtype: to
     return swapped
 
 
-def _to_weight_dtype(module, args):
-    return tuple(a.to(module.weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-
-def _to_fp32(module, args, out):
-    return out.float()
-
-
-def fp32_interface(module: nn.Module) -> None:
-    """Let a low-precision frozen module (bf16 embeddings or head) take and give fp32 like the rest of the
-    model: floating inputs are cast to its weight's dtype, its output back to fp32. Under bf16 autocast
-    this changes nothing (the matmul runs in bf16 either way); outside it, code that runs the model in
-    fp32 (evaluation, the export's drift check) keeps working."""
-    module.register_forward_pre_hook(_to_weight_dtype)
-    module.register_forward_hook(_to_fp32)
-
-
 def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32,
              skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """The NF4 base of the safetensors checkpoint in ``path``, built one tensor at a time.
@@ -94,11 +77,17 @@ def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torc
     The model skeleton is created with its parameters on the meta device (``accelerate``'s
     ``init_empty_weights``; buffers such as rotary frequencies stay real), and each tensor is read from
     disk into its own buffer when it is placed (``qft.tensor_stream``, not a memory map): a linear weight
-    is quantised to NF4 at once and its fp32 copy dropped; the frozen embeddings and LM head are converted
-    to ``compute_dtype`` (bf16 where supported) chunk by chunk as they are read; norms stay fp32. The whole fp32 model never exists, so the peak is about the NF4
-    model plus the largest single tensor. The codes equal ``quantize_nf4`` on the fp32 model (test).
-    The low-precision embeddings and head take and give fp32 (``fp32_interface``), so the residual stream
-    keeps the precision it had and fp32 callers keep working.
+    is quantised to NF4 at once and its fp32 copy dropped; every other floating tensor (the frozen
+    embeddings, norms and LM head) is converted to ``compute_dtype`` chunk by chunk as it is read. The whole
+    fp32 model never exists, so the set-up peaks at about the NF4 model plus the largest single tensor. The
+    codes equal ``quantize_nf4`` on the fp32 model (test).
+
+    Why the norms too: they decide the residual stream's dtype. With fp32 norms (or bf16 embeddings that
+    hand back fp32) the stream, and every activation autograd saves between the NF4 matmuls, is fp32, and
+    at a real batch that costs more than NF4 saves on the weights. Measured on SmolLM2-135M + LoRA r=8,
+    8 x 256 tokens, bf16 autocast, 2 CPU cores: peak RSS 7566 MB with an fp32 stream, 5935 MB with a bf16
+    one (plain bf16 LoRA: 6064 MB), and the step 8.7 s vs 7.0 s. This is what loading a 4-bit model with
+    ``torch_dtype=compute_dtype`` in transformers gives too. With ``compute_dtype=float32`` nothing changes.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -115,22 +104,17 @@ def load_nf4(path, double_quant: bool = False, compute_dtype: torch.dtype = torc
         setattr(model.get_submodule(parent) if parent else model, child, q)
         if i % 8 == 0:
             memory.trim()  # the freed fp32 weights, back to the OS (qft.memory)
-    embed = model.get_input_embeddings()
-    low = {id(embed.weight), id(model.get_output_embeddings().weight)}
     done = {f"{n}.{t}" for n in linears for t in ("weight", "bias")}
     current = {**dict(model.named_buffers()), **dict(model.named_parameters())}  # the meta tensors to replace
     for key in (k for k in files.names() if k not in done):
         if key not in current:
             raise KeyError(f"load_nf4({str(path)!r}): the checkpoint holds {key!r}, which the model has no place for.")
         old = current[key]
-        place(model, key, files.read(key, compute_dtype if id(old) in low else old.dtype))
+        place(model, key, files.read(key, compute_dtype if old.is_floating_point() else old.dtype))
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise KeyError(f"load_nf4({str(path)!r}): the checkpoint lacks {missing[:3]}.")
-    for module in {embed, model.get_output_embeddings()}:
-        if module.weight.dtype != torch.float32:
-            fp32_interface(module)
     model.requires_grad_(False)
     model.is_loaded_in_4bit = True
     memory.trim()

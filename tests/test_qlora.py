@@ -31,7 +31,7 @@ def test_streamed_nf4_has_the_codes_of_the_fp32_path(double_quant):
     _same_codes(old, new)
     emb = new.get_input_embeddings()
     assert emb.weight.dtype == torch.bfloat16 and new.lm_head.weight is emb.weight  # tied, compute dtype
-    assert all(p.dtype == torch.float32 for n, p in new.named_parameters() if "norm" in n)
+    assert all(p.dtype == torch.bfloat16 for n, p in new.named_parameters() if "norm" in n)
     assert new.is_loaded_in_4bit and not any(p.requires_grad for p in new.parameters())
     assert not any(p.device.type == "meta" for p in new.parameters())
     assert not any(b.device.type == "meta" for b in new.buffers())
@@ -46,10 +46,13 @@ def test_streamed_nf4_in_fp32_computes_what_the_fp32_path_computes():
         torch.testing.assert_close(new(ids).logits, old(ids).logits, rtol=0, atol=0)
 
 
-def test_bf16_embeddings_hand_the_residual_stream_fp32():
+def test_the_residual_stream_runs_in_the_compute_dtype():
+    """fp32 norms would make every saved activation fp32 (qft.qlora.load_nf4's docstring: 7.6 GB vs 5.9 GB)."""
     new = load_nf4(models.tiny_llama_path(0), compute_dtype=torch.bfloat16)
-    out = new.get_input_embeddings()(torch.tensor([[1, 2, 3]]))
-    assert out.dtype == torch.float32
+    with torch.no_grad():
+        out = new(torch.tensor([[1, 2, 3]]), output_hidden_states=True)
+    assert {h.dtype for h in out.hidden_states} == {torch.bfloat16}
+    assert torch.isfinite(out.logits.float()).all()
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from .calibration import (DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, GENERAL_FRACTION, 
 from .checkpoint import check_output_dir
 from .config import GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, check_merge_into
+from .offload import check_offload
 from .pipeline import DTYPES, check_backend, check_trained, export, export_config, needs_calibration, road
 
 _D = GPTQConfig()  # the solver knobs' defaults are the config's
@@ -53,6 +54,10 @@ class GPTQExportCallback(pl.Callback):
         device: where blocks are quantized (default: the module's device); dtype: forward dtype;
             save_dtype: dtype of the tensors left in floating point ("auto": fp16 for an fp32 model).
         overwrite: replace an existing ``output_dir``.
+        reuse_outputs: keep a block's final sub-module outputs for later stages (``False``: recompute them,
+            less memory, more time; BENCHMARKS.md has both).
+        calibration_offload: where the cached calibration activations wait: ``"none"`` (on ``device``),
+            ``"cpu"`` (host memory, for an accelerator) or ``"disk"`` (temporary files); same result.
 
     Lifecycle
     ---------
@@ -81,7 +86,8 @@ class GPTQExportCallback(pl.Callback):
                  general_target: str | None = None,
                  n_samples: int = DEFAULT_N_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
                  merge_into: str = DEFAULT_MERGE_INTO, backend: str = "qft", device=None, dtype: str = "auto",
-                 overwrite: bool = False, measure_drift: bool = True, progress: bool = True, save_dtype: str = "auto"):
+                 overwrite: bool = False, measure_drift: bool = True, progress: bool = True, save_dtype: str = "auto",
+                 reuse_outputs: bool = True, calibration_offload: str = "none"):
         super().__init__()
         self.grid = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym).items() if v is not None}
         self.solver = dict(desc_act=desc_act, static_groups=static_groups, act_group_aware=act_group_aware,
@@ -92,7 +98,11 @@ class GPTQExportCallback(pl.Callback):
         for arg, value in (("dtype", dtype), ("save_dtype", save_dtype)):
             if value not in DTYPES:
                 raise ValueError(f"GPTQExportCallback({arg}={value!r}) is unknown; allowed: {list(DTYPES)}.")
+        check_offload(calibration_offload, "GPTQExportCallback(calibration_offload)", backend)
         check_backend(backend)
+        if not isinstance(reuse_outputs, bool):
+            raise ValueError(f"GPTQExportCallback(reuse_outputs={reuse_outputs!r}): True or False.")
+        self.reuse_outputs, self.calibration_offload = reuse_outputs, calibration_offload
         if not isinstance(n_samples, int) or n_samples < 1 or not isinstance(seq_len, int) or seq_len < 2:
             raise ValueError(f"GPTQExportCallback(n_samples={n_samples!r}, seq_len={seq_len!r}): need n_samples >= 1 "
                              "and seq_len >= 2 (defaults 128 x 2048).")
@@ -163,7 +173,8 @@ class GPTQExportCallback(pl.Callback):
                                   self.config, base_name=base_name, merge_into=self.merge_into, backend=self.backend,
                                   device=device, dtype=self.dtype, overwrite=self.overwrite,
                                   measure_drift=self.measure_drift, progress=self.progress, qat_grid=self.qat_grid,
-                                  save_dtype=self.save_dtype, **self._anchoring)
+                                  save_dtype=self.save_dtype, reuse_outputs=self.reuse_outputs,
+                                  calibration_offload=self.calibration_offload, **self._anchoring)
             self.checkpoint_path = self.summary["output_dir"]
             if trainer.logger is not None:
                 for key in ("drift", "export_drift"):

@@ -22,6 +22,7 @@ from .calibration import (DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, GENERAL_FRACTION, 
 from .checkpoint import check_output_dir
 from .config import HESSIAN_DTYPES, SUPPORTED_BITS, GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, MERGE_INTO, check_merge_into
+from .offload import OFFLOADS, check_offload
 from .pipeline import BACKENDS, DTYPES, GENERAL_TARGETS, QAT_GRIDS, check_backend, export, export_config, road, \
     needs_calibration
 
@@ -84,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-reuse-outputs", action="store_true",
                         help="recompute sub-module outputs inside a block instead of keeping them: less memory, "
                              "more time")
+    parser.add_argument("--calibration-offload", default="none", choices=OFFLOADS,
+                        help="where the cached calibration activations wait: on --device (none), in host memory "
+                             "(cpu: for an accelerator) or in temporary files (disk); the result is the same")
     return parser
 
 
@@ -133,6 +137,7 @@ def run(args) -> dict:
     qat_grid, general_target = road(args.qat_grid, args.general_target, general_rows, args.n_samples, "qft export",
                                     args.backend)
     check_merge_into(args.merge_into, "qft export")
+    check_offload(args.calibration_offload, "--calibration-offload", args.backend)
     if args.layerwise:
         _check_layerwise(args)
     check_backend(args.backend)
@@ -160,7 +165,7 @@ def run(args) -> dict:
     if tokens is None or not needs_calibration(model, cfg, qat_grid):
         general_rows, general_target = 0, "trained"  # nothing is solved, nothing to anchor
     summary = export(model, tok, tokens, args.output, cfg, base_name=base_name, merge_into=args.merge_into,
-                     reuse_outputs=not args.no_reuse_outputs,
+                     reuse_outputs=not args.no_reuse_outputs, calibration_offload=args.calibration_offload,
                      masks=masks, backend=args.backend, device=args.device, dtype=args.dtype,
                      overwrite=args.overwrite, measure_drift=not args.no_drift, qat_grid=qat_grid,
                      save_dtype=args.save_dtype, general_rows=general_rows, general_target=general_target)
@@ -198,7 +203,8 @@ def _run_layerwise(args, grid: dict, solver: dict) -> dict:
     summary = export_layerwise(models.local_dir(name), args.output, cfg, tokens, adapter_dir=args.adapter,
                                base_quantization=quantization, merge_into=args.merge_into, tokenizer=tok,
                                overwrite=args.overwrite, device=args.device, dtype=args.dtype,
-                               save_dtype=args.save_dtype, reuse_outputs=not args.no_reuse_outputs)
+                               save_dtype=args.save_dtype, reuse_outputs=not args.no_reuse_outputs,
+                               calibration_offload=args.calibration_offload)
     print(json.dumps({k: summary[k] for k in ("output_dir", "seconds")}, indent=2))
     return summary
 

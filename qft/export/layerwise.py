@@ -33,6 +33,7 @@ from .blocks import block_linears, find_decoder_blocks
 from .checkpoint import CheckpointWriter, check_output_dir, packed_layer, plain_tensors
 from .config import GPTQConfig
 from .merge import check_merge_into
+from .offload import check_offload
 from .sequential import quantize_model
 
 NF4_BASES = ("none", "nf4", "nf4-dq")
@@ -74,14 +75,16 @@ def adapter_layers(config, adapter_dir) -> dict[str, nn.Module]:
 def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tensor | None, adapter_dir=None,
                      base_quantization: str = "none", merge_into: str = "trained", tokenizer=None,
                      overwrite: bool = False, device=None, dtype: str = "auto", save_dtype: str = "auto",
-                     progress: bool = True, reuse_outputs: bool = True) -> dict:
+                     progress: bool = True, reuse_outputs: bool = True, calibration_offload: str = "none") -> dict:
     """Quantize the model in ``model_dir`` (a Hugging Face directory with safetensors), merged with the
     peft adapters in ``adapter_dir`` if given, into a GPTQ checkpoint at ``output_dir``, block by block.
 
     ``base_quantization``: what the adapters were trained on (``"nf4"``/``"nf4-dq"``: with
     ``merge_into="trained"`` each base weight is rounded through NF4 before the merge, as training saw it).
     ``reuse_outputs=False`` recomputes a block's sub-module outputs instead of keeping them, for less
-    memory and more time (``quantize_model``). Returns the summary, also written as ``qft_export.json``.
+    memory and more time (``quantize_model``); ``calibration_offload`` keeps the cached calibration
+    activations in host memory (``"cpu"``) or temporary files (``"disk"``) instead of on ``device``
+    (``qft.export.offload``). Returns the summary, also written as ``qft_export.json``.
     """
     from transformers import AutoConfig
 
@@ -94,6 +97,7 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
         raise ValueError(f"export_layerwise(save_dtype={save_dtype!r}) is unknown; allowed: {list(DTYPES)}.")
     if cfg.method == "gptq" and tokens is None:
         raise ValueError("export_layerwise: GPTQ needs calibration tokens (or method='rtn').")
+    check_offload(calibration_offload)
     check_output_dir(output_dir, overwrite)
     files = TensorFiles(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
@@ -144,7 +148,8 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
 
     try:
         _, rows = quantize_model(model, cfg, tokens, device=device, progress=progress, reuse_outputs=reuse_outputs,
-                                 load_block=load_block, release_block=release_block)
+                                 load_block=load_block, release_block=release_block,
+                                 calibration_offload=calibration_offload)
         block_names = {f"{prefix}.{i}." for i in range(len(blocks))}
         writer.add(plain_tensors(model, {k for k in model.state_dict() if k.startswith(tuple(block_names))}, save))
         summary = {"layerwise": True, "blocks": len(blocks), "merge_into": merge_into, "adapters": len(deltas),

@@ -28,6 +28,7 @@ from .calibration import CalibrationError
 from .checkpoint import check_output_dir, save_quantized, work_dir, _swap_into_place
 from .config import GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, check_merge_into, drift, merge_adapters
+from .offload import check_offload
 from .sequential import quantize_model
 
 QAT_GRIDS = ("keep", "refine", "resolve")
@@ -160,7 +161,8 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
            merge_into: str = DEFAULT_MERGE_INTO, masks=None, backend: str = "qft", device=None, dtype: str = "auto",
            overwrite: bool = False, measure_drift: bool = True, progress: bool = True,
            qat_grid: str | None = None, save_dtype: str = "auto", general_rows: int = 0,
-           general_target: str | None = None, reuse_outputs: bool = True) -> dict:
+           general_target: str | None = None, reuse_outputs: bool = True,
+           calibration_offload: str = "none") -> dict:
     """Merge, quantize and write ``output_dir``; returns a summary (also saved as ``qft_export.json``).
 
     ``save_dtype`` is the dtype of the tensors that stay in floating point (embeddings, norms, head):
@@ -172,11 +174,13 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     the fine-tune's task behaviour on task inputs and the base's general ability on general text; see
     ``qft.export.sequential.quantize_model(anchor=...)``).
     ``reuse_outputs=False``: recompute sub-module outputs in a block instead of keeping them (less memory,
-    more time; ``quantize_model``).
+    more time; ``quantize_model``). ``calibration_offload``: where the cached calibration activations wait,
+    ``"none"`` (on ``device``), ``"cpu"`` or ``"disk"`` (``qft.export.offload``).
     ``drift`` compares the merged full-precision model with the trained one (what the merge changed),
     ``export_drift`` the quantized model with the trained one (what the whole export changed; zero up to
     the export dtype when a learned grid is kept). Both need ``tokens``.
     """
+    check_offload(calibration_offload, backend=backend)
     check_backend(backend)
     check_output_dir(output_dir, overwrite)
     if save_dtype not in DTYPES:
@@ -213,7 +217,7 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     if backend == "qft":
         anchor = _base_weights(base_name) if general_target == "base" else None
         quantized, rows = quantize_model(model, cfg, tokens, device=device, progress=progress, fixed=fixed,
-                                         reuse_outputs=reuse_outputs,
+                                         reuse_outputs=reuse_outputs, calibration_offload=calibration_offload,
                                          refine=qat_grid == "refine", anchor=anchor,
                                          anchor_rows=general_rows if anchor else 0)
         del anchor

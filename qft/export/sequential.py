@@ -33,6 +33,7 @@ from qft import memory
 from .blocks import (block_linears, check_model, child_endings, discover_groups, final_children, find_decoder_blocks,
                      replaying, run_block, slice_kwargs)
 from .config import GPTQConfig
+from .offload import Offload, check_offload
 from .gptq import (HessianAccumulator, QuantizedWeight, damped_inverse_cholesky, direct_output_error, gptq_solve,
                    params_for_groups, relative_output_error, rtn_solve)
 
@@ -63,15 +64,16 @@ def _outside_blocks(model, prefix):
 
 
 @torch.inference_mode()
-def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int, device) -> list:
-    """Run the embeddings once per batch and keep what the first block receives: ``[(hidden, kwargs)]``."""
+def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int, device, offload: Offload | None = None):
+    """Run the embeddings once per batch and keep what the first block receives: ``(hidden, kwargs)`` per
+    batch, in a ``BlockInputs`` that keeps the hidden states where ``offload`` says."""
     prefix, blocks = find_decoder_blocks(model)
-    cache = []
+    cache = (offload or Offload("none", device)).inputs()
 
     def grab(module, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        cache.append((hidden, {**kwargs, **({"_args": args[1:]} if len(args) > 1 else {})}))
+        cache.append(hidden, {**kwargs, **({"_args": args[1:]} if len(args) > 1 else {})})
         raise _StopForward
 
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -94,7 +96,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                    batch_size: int = 16, progress: bool = True, reuse_outputs: bool = True,
                    fixed: dict[str, QuantizedWeight] | None = None, refine: bool = False,
                    anchor: dict[str, torch.Tensor] | None = None, anchor_rows: int = 0,
-                   load_block=None, release_block=None):
+                   load_block=None, release_block=None, calibration_offload: str = "none", offload_dir=None):
     """Quantize every linear layer in the decoder blocks of ``model`` (lm_head stays full precision).
 
     Returns ``(quantized, rows)``: ``{qualified layer name: QuantizedWeight}`` and per-layer report rows.
@@ -122,10 +124,15 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     blocks live elsewhere (``qft.export.layerwise``: on disk, the skeleton on the meta device): each block
     is loaded just before it is processed and released right after, with its quantized layers, which
     then leave the returned ``quantized``.
+
+    ``calibration_offload`` (``"none"``, ``"cpu"``, ``"disk"``; ``qft.export.offload``) says where the cached
+    calibration activations wait between uses: on the compute device, in host memory, or in temporary
+    files (under ``offload_dir``, else the system's temporary directory). The results are the same.
     """
     from tqdm.auto import tqdm
 
     check_model(model, cfg)
+    check_offload(calibration_offload)
     prefix, blocks = find_decoder_blocks(model)
     device = torch.device(device or next(model.parameters()).device)
     n_layers = sum(len(block_linears(b)) for b in blocks)
@@ -178,10 +185,11 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     if anchor and not 0 < anchor_rows < tokens.shape[0]:
         raise ValueError(f"quantize_model(anchor_rows={anchor_rows}): needs general and task rows among the "
                          f"{tokens.shape[0]} calibration sequences.")
-    cache = capture_block_inputs(model, tokens[:n_task], batch_size, device)
+    offload = Offload(calibration_offload, device, offload_dir)  # its files go with it (qft.export.offload)
+    cache = capture_block_inputs(model, tokens[:n_task], batch_size, device, offload)
     split = len(cache) if anchor else None  # batches from here on are general text
     if anchor:
-        cache += capture_block_inputs(model, tokens[n_task:], batch_size, device)
+        cache.extend(capture_block_inputs(model, tokens[n_task:], batch_size, device, offload))
     groups = None
     sample_stride = max(1, tokens.numel() // REPORT_TOKENS)  # a token sample for the report's errors
     low_precision = _low_precision(cfg, cache)  # same activations dtype in every block
@@ -211,7 +219,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             stage_out = _collect_stage(block, lins, stage, cache, device, keep=tail, replay=saved, capture=capture,
                                        low_precision=low_precision, split=split,
                                        keep_inputs=[_group_head(stage, lin) for lin, _ in ending.values()],
-                                       sample_stride=sample_stride)
+                                       sample_stride=sample_stride, offload=offload)
             accs, fwd_s, outs, tail_inputs, captured, kept, samples = stage_out
             saved.update({c: o for c, o in captured.items() if len(o) == len(cache)})
             for g in stage:
@@ -242,22 +250,28 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             for c, (lin, n_out) in ending.items():  # now final: replay as quantized linear(saved input)
                 xs = kept[_group_head(stage, lin)]
                 if len(xs) == len(cache):
+                    saved[c] = offload.stash()
                     with torch.inference_mode():
-                        ys = [lins[lin](x) for x in xs]
-                    saved[c] = [(y,) + (None,) * (n_out - 1) if n_out else y for y in ys]
+                        for x in xs:
+                            y = lins[lin](x)
+                            saved[c].append((y,) + (None,) * (n_out - 1) if n_out else y)
             del kept
             if tail:
                 delta = lins[stage[0][0]].weight - old
+                next_cache = offload.inputs()
                 with torch.inference_mode():
-                    next_cache = [(o + F.linear(x, delta), kw) for o, x, (_, kw) in zip(outs, tail_inputs, cache)]
+                    for b, (o, x) in enumerate(zip(outs, tail_inputs)):
+                        next_cache.append(o + F.linear(x, delta), cache.kwargs[b])
                 if not _tail_matches(block, cache[0], next_cache[0][0]):
                     next_cache = None
             del accs, outs, tail_inputs
         del saved
         if i + 1 < len(blocks):
             if next_cache is None:
+                next_cache = offload.inputs()
                 with torch.inference_mode():
-                    next_cache = [(run_block(block, hidden, kw), kw) for hidden, kw in cache]
+                    for hidden, kw in cache:
+                        next_cache.append(run_block(block, hidden, kw), kw)
             cache = next_cache
         block.to(home)
         _release(release_block, quantized, prefix, i, block)
@@ -284,7 +298,7 @@ def _group_head(stage, linear: str) -> str:
 
 
 def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, capture=(), low_precision=False,
-                   keep_inputs=(), split=None, sample_stride=1):
+                   keep_inputs=(), split=None, sample_stride=1, offload: Offload | None = None):
     """Run the cached inputs through ``block`` to accumulate the Hessians of ``stage``'s groups.
 
     Without ``keep`` the forward stops at the pre-hook of the last group's first layer (its input is all
@@ -305,12 +319,13 @@ def _collect_stage(block, lins, stage, cache, device, keep=False, replay=None, c
     handles += [lins[g[0]].register_forward_pre_hook(
         lambda m, a, k=g[0]: samples[k].append(a[0].reshape(-1, a[0].shape[-1])[::sample_stride].float()))
         for g in stage]
-    captured = {c: [] for c in capture}
-    kept = {n: [] for n in keep_inputs}
+    offload = offload or Offload("none", device)
+    captured = {c: offload.stash() for c in capture}
+    kept = {n: offload.stash() for n in keep_inputs}
     handles += [lins[n].register_forward_pre_hook(lambda m, a, n=n: kept[n].append(a[0])) for n in kept]
     handles += [getattr(block, c).register_forward_hook(lambda m, a, o, c=c: captured[c].append(o)) for c in capture]
     last = stage[-1][0]  # groups are in execution order
-    inputs, outs = [], []
+    inputs, outs = offload.stash(), offload.stash()
     if keep:
         handles.append(lins[last].register_forward_pre_hook(lambda m, a: inputs.append(a[0])))
     else:

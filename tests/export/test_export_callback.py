@@ -23,7 +23,8 @@ def test_fit_then_export_nf4_lora(tmp_path, calib_text):
                             compute_dtype="float32")
     dm = QFTDataModule(task="synthetic", seq_len=128, batch_size=4, num_train=16, num_val=4)
     cb = GPTQExportCallback(tmp_path / "int4", bits=4, group_size=64, calibration=calib_text, n_samples=8,
-                            seq_len=64, dtype="float32", progress=False, merge_into="original")
+                            seq_len=64, dtype="float32", progress=False, merge_into="original",
+                            calibration_offload="disk")  # same result wherever the activations wait
     trainer(tmp_path, cb).fit(module, datamodule=dm)
     out = tmp_path / "int4"
     assert cb.checkpoint_path == str(out.resolve()) and (out / "model.safetensors").exists()
@@ -74,7 +75,10 @@ def test_too_few_tokens_fails_before_training(tmp_path):
 
 @pytest.mark.parametrize("kw,match", [(dict(bits=5), "bits=5"), (dict(backend="vllm"), "backend='vllm'"),
                                       (dict(merge_into="fp8"), "merge_into='fp8'"), (dict(n_samples=0), "n_samples=0"),
-                                      (dict(dtype="int8"), "dtype='int8'")])
+                                      (dict(dtype="int8"), "dtype='int8'"),
+                                      (dict(calibration_offload="gpu"), r"calibration_offload\): 'gpu' is not one of"),
+                                      (dict(calibration_offload="disk", backend="gptqmodel"), "not to backend"),
+                                      (dict(reuse_outputs="no"), "reuse_outputs='no'")])
 def test_bad_arguments_fail_at_construction(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         GPTQExportCallback(tmp_path / "o", **kw)

@@ -42,13 +42,14 @@ def _adapter(tmp_path, quantization):
     return path
 
 
-@pytest.mark.parametrize("quantization", ["none", "nf4"])
-def test_layerwise_equals_in_memory(tmp_path, calib_file, quantization):
+@pytest.mark.parametrize("quantization,offload", [("none", "none"), ("nf4", "disk")])
+def test_layerwise_equals_in_memory(tmp_path, calib_file, quantization, offload):
     adapter = _adapter(tmp_path, quantization)
     common = ["--adapter", str(adapter), "--calibration", str(calib_file), "--n-samples", "8", "--seq-len", "64",
               "--group-size", "64", "--no-drift"]
     whole = cli.main([*common, "--output", str(tmp_path / "whole")])
-    layerwise = cli.main([*common, "--output", str(tmp_path / "layerwise"), "--layerwise"])
+    layerwise = cli.main([*common, "--output", str(tmp_path / "layerwise"), "--layerwise",
+                          "--calibration-offload", offload])
     assert layerwise["layerwise"] and layerwise["blocks"] == 4 and layerwise["adapters"] == 28
     assert whole["merged_layers"] == 28
     a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "layerwise")
