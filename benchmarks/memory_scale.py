@@ -282,6 +282,8 @@ def main():
     p.add_argument("--work", default="/tmp/qft-memory-scale", help="where the deep models are written")
     p.add_argument("--cap-mb", type=int, default=1536, help="memory cap of the capped run (MiB)")
     p.add_argument("--calib", default="16x256", help="calibration of the depth rows: N x SEQ")
+    p.add_argument("--gptqmodel-json", help="take GPTQModel's peak from this gptq_vs_gptqmodel.py --groups 64 JSON "
+                   "instead of running it again (9 minutes on 2 cores)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-args", nargs="*", default=[], help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -318,8 +320,13 @@ def main():
             lw = export_peak(Path(tmp), "--layerwise", "--calibration-offload", "disk")
             out["layerwise_disk_export_peak_rss_mb"] = lw["export_peak_rss_mb"]
             out["layerwise_disk_export_s"] = lw["export_s"]
-        with tempfile.TemporaryDirectory() as tmp:
-            out["gptqmodel_export_peak_rss_mb"], out["gptqmodel_note"] = gptqmodel_peak(Path(tmp))
+        if a.gptqmodel_json:  # GPTQModel's peak from gptq_vs_gptqmodel.py's run (same model, grid, calibration)
+            run = json.loads(Path(a.gptqmodel_json).read_text())["runs"]["g64"]
+            out["gptqmodel_export_peak_rss_mb"] = run["gptqmodel_peak_rss_mb"]
+            out["gptqmodel_note"] = f"from {a.gptqmodel_json} (gptq_vs_gptqmodel.py, g64)"
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                out["gptqmodel_export_peak_rss_mb"], out["gptqmodel_note"] = gptqmodel_peak(Path(tmp))
     depths = [int(d) for d in a.depths.split(",") if d]
     if depths and WIKITEXT.is_file():
         import shutil

@@ -219,8 +219,33 @@ class ConvertedKind(Kind):
                            granularity="per_channel" if per_channel else "per_group")
 
 
+class W8A8Kind(Kind):
+    """``qft.ptq.W8A8Linear``: int8 weights per output channel with int8 inputs (compressed-tensors W8A8)."""
+
+    name = "w8a8"
+
+    def matches(self, m):
+        from qft.ptq.layer import W8A8Linear
+
+        return isinstance(m, W8A8Linear)
+
+    def base_weight(self, m):
+        return m.dequantized_weight()
+
+    def base_trainable(self, m):
+        return False
+
+    def grid(self, m):
+        return m.quantized_weight()
+
+    def scheme(self, m):
+        from qft.quant import QuantScheme
+
+        return QuantScheme(bits=8, symmetric=True, granularity="per_channel")
+
+
 #: Most specific first: the first kind that matches a module decides for it.
-KINDS: list[Kind] = [ConvertedKind(), FakeQuantKind(), LoraKind(), NF4Kind(), LinearKind()]
+KINDS: list[Kind] = [ConvertedKind(), W8A8Kind(), FakeQuantKind(), LoraKind(), NF4Kind(), LinearKind()]
 
 
 def register_kind(kind: Kind, before: Optional[str] = None) -> None:

@@ -154,7 +154,8 @@ def quantized_state_dict(model, quantized: dict[str, QuantizedWeight], dtype: to
 
 
 class CheckpointWriter:
-    """A GPTQ checkpoint written into a hidden work directory and renamed into place by ``finish``.
+    """A quantized checkpoint (GPTQ, compressed-tensors) written into a hidden work directory and renamed
+    into place by ``finish``.
 
     ``add`` writes one safetensors shard at a time (a layer-wise export writes a block per shard, so no
     step holds more than one block's tensors); ``finish`` writes the shard index when there are several,
@@ -180,8 +181,9 @@ class CheckpointWriter:
         save_file(tensors, str(self.tmp / name), metadata={"format": "pt"})
         self.weight_map.update({k: name for k in tensors})
 
-    def finish(self, model, cfg: GPTQConfig, dtype: torch.dtype, tokenizer=None, report_rows=None,
+    def finish(self, model, qconfig: dict, dtype: torch.dtype, tokenizer=None, report_rows=None,
                extra_files: dict | None = None) -> Path:
+        """``qconfig``: the ``quantization_config`` of ``config.json`` (GPTQ's: ``quantization_config(cfg)``)."""
         tmp = self.tmp
         if self.n_shards > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
@@ -190,10 +192,10 @@ class CheckpointWriter:
         config["architectures"] = config.get("architectures") or [type(model).__name__]
         config["dtype"] = str(dtype).replace("torch.", "")
         config.pop("torch_dtype", None)
-        qc = quantization_config(cfg)
-        config["quantization_config"] = qc
+        config["quantization_config"] = qconfig
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-        (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
+        if qconfig.get("quant_method") == "gptq":  # AutoGPTQ's and GPTQModel's own copy
+            (tmp / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
@@ -221,7 +223,7 @@ def save_quantized(model, quantized: dict[str, QuantizedWeight], cfg: GPTQConfig
     dtype = dtype or default_save_dtype(model)
     try:
         writer.add(quantized_state_dict(model, quantized, dtype))
-        return writer.finish(model, cfg, dtype, tokenizer, report_rows, extra_files)
+        return writer.finish(model, quantization_config(cfg), dtype, tokenizer, report_rows, extra_files)
     except BaseException:
         writer.abort()
         raise

@@ -30,7 +30,7 @@ from qft import layers
 from qft.tensor_stream import TensorFiles, place
 
 from .blocks import block_linears, find_decoder_blocks
-from .checkpoint import CheckpointWriter, check_output_dir, packed_layer, plain_tensors
+from .checkpoint import CheckpointWriter, check_output_dir, packed_layer, plain_tensors, quantization_config
 from .config import GPTQConfig
 from .merge import check_merge_into
 from .offload import check_offload
@@ -156,7 +156,7 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
                    "base_quantization": base_quantization, "config": cfg.to_dict(), "dtype": str(compute)[6:],
                    "calibration": None if tokens is None else list(tokens.shape),
                    "seconds": time.perf_counter() - t0}
-        out = writer.finish(model, cfg, save, tokenizer, rows, {"qft_export.json": summary})
+        out = writer.finish(model, quantization_config(cfg), save, tokenizer, rows, {"qft_export.json": summary})
     except BaseException:
         writer.abort()
         raise

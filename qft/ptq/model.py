@@ -1,0 +1,91 @@
+"""``quantize_w8a8``: post-training int8 weights and activations, on the export's calibration machinery.
+
+Lifecycle (each step only when the config asks for it):
+
+1. **validate**: the config, the model (plain linears: a trained model is merged first, as for GPTQ)
+   and the calibration tokens, before any work;
+2. **smooth** (``smoothquant=alpha``): one forward pass collects each norm-fed linear's input magnitude
+   per channel, and SmoothQuant's scales are folded into the norms and weights (``qft.ptq.smoothquant``);
+3. **weights**: every decoder-block linear is rounded to int8 per output channel, by RTN or by GPTQ's
+   block-by-block solve (``qft.export.sequential.quantize_model``, the GPTQ exporter's own engine);
+4. **activations** (``activation="static"``): one forward pass of the weight-quantized model gives each
+   layer's input range, hence its per-tensor scale; ``dynamic`` needs none (scales per token at run time);
+5. **swap**: each linear becomes a ``W8A8Linear`` holding what the checkpoint will hold.
+
+The model is changed in place; ``qft.ptq.save_w8a8`` writes it as a compressed-tensors checkpoint.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from qft.export.blocks import block_linears, check_model, find_decoder_blocks
+from qft.export.calibration import CalibrationError
+
+from .calibrate import input_absmax
+from .config import W8A8Config
+from .layer import W8A8Linear, input_scale_from_absmax
+from .smoothquant import norm_feeds, smooth
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """``{qualified name: linear}`` of every decoder block: the layers W8A8 quantizes (the head stays)."""
+    prefix, blocks = find_decoder_blocks(model)
+    return {f"{prefix}.{i}.{n}": lin for i, b in enumerate(blocks) for n, lin in block_linears(b).items()}
+
+
+def quantize_w8a8(model: nn.Module, cfg: W8A8Config, tokens: torch.Tensor | None = None, batch_size: int = 16,
+                  device=None, progress: bool = True, compute_dtype: torch.dtype | None = None) -> dict:
+    """Quantize ``model``'s decoder linears to W8A8 in place (see the module docstring); returns a summary
+    with the time of each step, the layers smoothed and the report rows of the weight solve.
+
+    ``compute_dtype``: the parameters are cast to it after smoothing (which is best folded in the
+    model's own, usually fp32, precision) and before the weight solve and the activation ranges."""
+    if not isinstance(cfg, W8A8Config):
+        raise TypeError(f"quantize_w8a8(cfg={cfg!r}): expected a qft.ptq.W8A8Config.")
+    gcfg = cfg.gptq_config()
+    check_model(model, gcfg)
+    if cfg.needs_calibration and tokens is None:
+        raise CalibrationError(f"quantize_w8a8: activation={cfg.activation!r}, smoothquant={cfg.smoothquant!r}, "
+                               f"weight_method={cfg.weight_method!r} need calibration tokens; pass some, or use "
+                               "W8A8Config() (dynamic, RTN, no SmoothQuant), which needs none.")
+    if tokens is not None and (tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"quantize_w8a8(tokens=...): token ids [n, seq] expected, got {tokens.dtype} "
+                         f"{tuple(tokens.shape)}; see qft.export.calibration.calibration_tokens.")
+    from qft.export.sequential import quantize_model
+
+    linears = decoder_linears(model)
+    summary: dict = {"config": cfg.to_dict(), "layers": len(linears)}
+    was_training = model.training
+    model.eval()
+    t = time.perf_counter()
+    if cfg.smoothquant is not None:
+        pairs = norm_feeds(model, linears, tokens[:1, :32])
+        stats = input_absmax(model, tokens, {names[0]: linears[names[0]] for _, names in pairs}, batch_size, device)
+        scales = smooth(model, linears, stats, pairs, cfg.smoothquant)
+        summary["smoothed"] = {norm: names for norm, names in pairs}
+        summary["largest_smoothing_scale"] = max(scales.values(), default=None)
+        summary["smooth_s"] = time.perf_counter() - t
+    if compute_dtype is not None:
+        for p in model.parameters():  # parameters only: rotary inv_freq stays fp32 (qft.export.pipeline)
+            p.data = p.data.to(compute_dtype)
+    t = time.perf_counter()
+    quantized, rows = quantize_model(model, gcfg, tokens if cfg.weight_method == "gptq" else None, device=device,
+                                     batch_size=batch_size, progress=progress)
+    summary["weights_s"] = time.perf_counter() - t
+    in_scales: dict[str, torch.Tensor] = {}
+    if cfg.activation == "static":
+        t = time.perf_counter()
+        ranges = input_absmax(model, tokens, linears, batch_size, device)
+        in_scales = {n: input_scale_from_absmax(r.max()) for n, r in ranges.items()}
+        summary["activations_s"] = time.perf_counter() - t
+    modules = dict(model.named_modules())
+    for name, lin in linears.items():
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent], child, W8A8Linear.from_quantized(quantized[name], lin.bias, in_scales.get(name))
+                .to(lin.weight.device))
+    model.train(was_training)
+    summary["rows"] = rows
+    return summary
