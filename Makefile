@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.qft-installed
 
-.PHONY: install demo test test-all interop test-interop clean
+.PHONY: install demo test test-all interop test-interop llmcompressor clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,18 @@ interop: $(INTEROP_STAMP)
 # transformers + gptqmodel load qft checkpoints (GPTQ from merged models and from QAT's learned grid)
 test-interop: $(INTEROP_STAMP)
 	GPTQMODEL_CPU_WORKERS=2 .venv-interop/bin/python -m pytest -q -p no:cacheprovider tests/export/test_interop.py
+
+# llm-compressor (the W8A8 anchor of benchmarks/w8a8.py) pins transformers<=5.17 and its own
+# compressed-tensors, so it gets its own venv too; torch 2.13.0 (CPU, local disk) satisfies it.
+LLMC_STAMP := .venv-llmc/.qft-installed
+
+$(LLMC_STAMP): pyproject.toml
+	$(PYTHON) -m venv .venv-llmc
+	.venv-llmc/bin/python -m pip install -q "torch==2.13.0" || .venv-llmc/bin/python -m pip install -q "torch<=2.14.0"
+	.venv-llmc/bin/python -m pip install -q "llmcompressor==0.14.0.1"
+	touch $(LLMC_STAMP)
+
+llmcompressor: $(LLMC_STAMP)
 
 clean:
 	rm -rf $(VENV) runs

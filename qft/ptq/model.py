@@ -27,7 +27,7 @@ from qft.export.calibration import CalibrationError
 from .calibrate import input_absmax
 from .config import W8A8Config
 from .layer import W8A8Linear, input_scale_from_absmax
-from .smoothquant import norm_feeds, smooth
+from .smoothquant import smoothing_pairs, smooth
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -62,8 +62,12 @@ def quantize_w8a8(model: nn.Module, cfg: W8A8Config, tokens: torch.Tensor | None
     model.eval()
     t = time.perf_counter()
     if cfg.smoothquant is not None:
-        pairs = norm_feeds(model, linears, tokens[:1, :32])
-        stats = input_absmax(model, tokens, {names[0]: linears[names[0]] for _, names in pairs}, batch_size, device)
+        pairs = smoothing_pairs(model, linears, tokens[:1, :32])
+        dev = torch.device(device or next(model.parameters()).device)
+        low = compute_dtype not in (None, torch.float32)  # magnitudes need no fp32 forward; folding stays fp32
+        with torch.autocast(dev.type, dtype=compute_dtype or torch.float32, enabled=low):
+            stats = input_absmax(model, tokens, {names[0]: linears[names[0]] for _, names in pairs}, batch_size,
+                                 device)
         scales = smooth(model, linears, stats, pairs, cfg.smoothquant)
         summary["smoothed"] = {norm: names for norm, names in pairs}
         summary["largest_smoothing_scale"] = max(scales.values(), default=None)

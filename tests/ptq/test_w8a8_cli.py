@@ -38,7 +38,7 @@ def test_static_smoothquant_gptq_from_an_adapter(tmp_path, adapter, calib_file):
                         "--format", "w8a8", "--activation", "static", "--smoothquant", "0.5", "--method", "gptq",
                         "--calibration", str(calib_file), "--n-samples", "8", "--seq-len", "64"])
     out = tmp_path / "q"
-    assert summary["layers"] == 28 and len(summary["smoothed"]) == 8 and summary["calibration"] == [8, 64]
+    assert summary["layers"] == 28 and len(summary["smoothed"]) == 12 and summary["calibration"] == [8, 64]
     recorded = json.loads((out / "qft_export.json").read_text())
     assert recorded["config"]["smoothquant"] == 0.5 and len(recorded["layers_report"]) == 28
     model = load_w8a8(out, dtype=torch.float32)
