@@ -1,6 +1,6 @@
 """W8A8 int8 post-training quantization of SmolLM2-135M, side by side in one run (issue 16).
 
-    python benchmarks/w8a8.py --out F.json [--alpha 0.5] [--n-samples 128] [--seq-len 512] [--skip-anchor]
+    python benchmarks/w8a8.py --out F.json [--alpha 0.8] [--n-samples 128] [--seq-len 512] [--skip-anchor]
 
 Protocol (``gptq_vs_gptqmodel.py``'s, shared/data/README.md): ``../shared/data/wikitext2_test.raw`` is
 tokenised whole; perplexity on its first 16 windows of 1024 tokens; the 128 x 512 calibration tokens come
@@ -8,7 +8,8 @@ from its second half. Every row quantizes the released SmolLM2 (fp32 weights, bf
 subprocess (so its peak RSS is its own), writes a compressed-tensors checkpoint, and is evaluated by
 reading that file back (``qft.ptq.load_w8a8``, the int8 kernel path): the figures are the artefact's.
 
-Rows: ``fp`` (the bf16 model), ``dynamic`` (RTN weights, per-token int8 inputs), ``static`` (RTN, one
+Rows: ``fp`` (the bf16 model), ``dynamic`` (RTN weights, per-token int8 inputs, no calibration at all),
+``dynamic_smoothquant`` (+ SmoothQuant alpha), ``static`` (RTN, one
 calibrated scale per layer input), ``static_smoothquant`` (+ SmoothQuant alpha), ``gptq_w8a8`` (dynamic,
 GPTQ weights) and ``smoothquant_gptq_w8a8`` (dynamic, SmoothQuant + GPTQ: the shape of llm-compressor's
 W8A8 recipe). ``calibration_s`` is the ``quantize_w8a8`` call. Anchor: llm-compressor's W8A8 recipe
@@ -41,6 +42,7 @@ LLMC = ROOT / ".venv-llmc" / "bin" / "python"
 
 ROWS = {  # name: W8A8Config fields (alpha filled in from --alpha)
     "dynamic": dict(),
+    "dynamic_smoothquant": dict(smoothquant="alpha"),
     "static": dict(activation="static"),
     "static_smoothquant": dict(activation="static", smoothquant="alpha"),
     "gptq_w8a8": dict(weight_method="gptq"),
@@ -161,7 +163,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out")
     ap.add_argument("--force", action="store_true")
-    ap.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (qft and anchor)")
+    ap.add_argument("--alpha", type=float, default=0.8,
+                    help="SmoothQuant migration strength, qft and anchor (0.8: llm-compressor's W8A8 example)")
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
