@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qft import memory
+
 
 class _Stop(Exception):
     """Raised before the LM head: the calibration pass has seen every layer it needs."""
@@ -41,6 +43,7 @@ def input_absmax(model: nn.Module, tokens: torch.Tensor, modules: dict[str, nn.M
                 model(input_ids=batch.to(device), use_cache=False)
             except _Stop:
                 pass
+            memory.trim()  # glibc keeps the batch's freed activations otherwise (qft.memory)
     finally:
         for h in handles:
             h.remove()
