@@ -33,3 +33,17 @@ def _run_in_tmp(tmp_path, monkeypatch):
     """Each test runs in its own temporary directory, so whatever a Trainer or library writes to the
     working directory (lightning_logs, adapters, gptqmodel logs) never lands in the repository."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def calib_tokens() -> torch.Tensor:
+    """Random token ids [16, 64]: enough to make every tiny-llama Hessian full rank (export and ptq tests)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 5000, (16, 64), generator=g)
+
+
+@pytest.fixture()
+def tiny():
+    from qft.models import load_model
+
+    return load_model("tiny-llama", dtype=torch.float32).eval()

@@ -14,17 +14,3 @@ def calib_text() -> list[str]:
     words = TEXT.split()
     g = torch.Generator().manual_seed(0)
     return [" ".join(words[i] for i in torch.randint(0, len(words), (60,), generator=g).tolist()) for _ in range(40)]
-
-
-@pytest.fixture(scope="session")
-def calib_tokens() -> torch.Tensor:
-    """Random token ids [16, 64]: enough to make every tiny-llama Hessian full rank."""
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 5000, (16, 64), generator=g)
-
-
-@pytest.fixture()
-def tiny():
-    from qft.models import load_model
-
-    return load_model("tiny-llama", dtype=torch.float32).eval()
