@@ -13,7 +13,9 @@ registered here once (``KINDS``, most specific first) and answers the same quest
 - ``bias(m)``;
 - ``grid(m)``: the integer grid the layer is already tied to (``QuantizedWeight``: what QAT learned,
   or what a converted layer holds), or ``None`` when the exporter must choose one;
-- ``scheme(m)``: the ``QuantScheme`` of that grid.
+- ``scheme(m)``: the ``QuantScheme`` of that grid;
+- ``input_grid(m)``: how the layer quantizes its input (``InputGrid``: QAT's activation fake-quant,
+  or a W8A8 layer's), or ``None`` for a weight-only layer.
 
 The functions below derive everything else: ``linear_layers`` (the outermost layer of each kind,
 never an adapter's own ``lora_A``/``lora_B`` or a ``base_layer``), ``weight`` (base + adapters, what
@@ -103,6 +105,9 @@ class Kind:
     def scheme(self, m):
         return None
 
+    def input_grid(self, m):
+        return None
+
 
 class LinearKind(Kind):
     name = "linear"
@@ -154,6 +159,9 @@ class LoraKind(Kind):
     def scheme(self, m):
         return scheme(m.base_layer)
 
+    def input_grid(self, m):
+        return input_grid(m.base_layer)
+
 
 class FakeQuantKind(Kind):
     """QAT's fake-quant layers: their grid is what ``qft.qat.convert`` would pack."""
@@ -182,6 +190,9 @@ class FakeQuantKind(Kind):
 
     def scheme(self, m):
         return m.weight_scheme
+
+    def input_grid(self, m):
+        return None if m.input_quant is None else m.input_quant.grid()
 
 
 class ConvertedKind(Kind):
@@ -218,6 +229,10 @@ class ConvertedKind(Kind):
         return QuantScheme(bits=q.bits, group_size=q.group_size if not per_channel else 128, symmetric=q.sym,
                            granularity="per_channel" if per_channel else "per_group")
 
+    def input_grid(self, m):
+        aq = getattr(m, "input_quant", None)
+        return None if aq is None else aq.grid()
+
 
 class W8A8Kind(Kind):
     """``qft.ptq.W8A8Linear``: int8 weights per output channel with int8 inputs (compressed-tensors W8A8)."""
@@ -242,6 +257,9 @@ class W8A8Kind(Kind):
         from qft.quant import QuantScheme
 
         return QuantScheme(bits=8, symmetric=True, granularity="per_channel")
+
+    def input_grid(self, m):
+        return m.input_grid()
 
 
 #: Most specific first: the first kind that matches a module decides for it.
@@ -287,6 +305,10 @@ def grid(m):
 
 def scheme(m):
     return _kind(m).scheme(m)
+
+
+def input_grid(m):
+    return _kind(m).input_grid(m)
 
 
 def adapter_delta(m, mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
@@ -342,6 +364,16 @@ def grids(model: nn.Module) -> dict[str, object]:
     out = {}
     for name, m in linear_layers(unwrap(model)).items():
         g = grid(m)
+        if g is not None:
+            out[name] = g
+    return out
+
+
+def input_grids(model: nn.Module) -> dict[str, object]:
+    """``{HF layer name: InputGrid}`` of every layer that quantizes its input (QAT ``activation=``, W8A8)."""
+    out = {}
+    for name, m in linear_layers(unwrap(model)).items():
+        g = input_grid(m)
         if g is not None:
             out[name] = g
     return out

@@ -20,7 +20,63 @@ from .pipeline import DTYPES, check_backend, check_trained, export, export_confi
 _D = GPTQConfig()  # the solver knobs' defaults are the config's
 
 
-class GPTQExportCallback(pl.Callback):
+class ExportCallback(pl.Callback):
+    """What every export callback shares (GPTQ here, W8A8 in ``qft.ptq.callback``): the output directory
+    checked in ``__init__``; in ``setup`` an ``"observe"`` model hook (``qft.hooks.when_model_ready``)
+    that runs ``_prepare`` once every callback has changed the model, before any training step, on every
+    rank; in ``on_fit_end`` ``_export`` on rank zero while the others wait on a barrier; and
+    ``state_dict``/``load_state_dict`` of where it wrote, so a resumed run knows.
+
+    A subclass sets ``name`` and implements ``_prepare(pl_module)`` (refuse what cannot be exported,
+    build the calibration tokens) and ``_export(trainer, pl_module, base_name, device) -> summary``.
+    """
+
+    # qft.sharding: refused under FSDP, where a rank holds only shards
+    whole_weights = "the export merges and quantizes every layer's whole weight at fit end"
+    name = "export"
+
+    def __init__(self, output_dir, overwrite: bool = False):
+        super().__init__()
+        self.output_dir = Path(output_dir)
+        self.overwrite = overwrite
+        check_output_dir(self.output_dir, overwrite)
+        self.tokens: torch.Tensor | None = None
+        self.summary: dict | None = None
+        self.checkpoint_path: str | None = None
+
+    def setup(self, trainer, pl_module, stage):
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        hooks.when_model_ready(pl_module, self._prepare, phase="observe")
+
+    def _source(self, calibration):
+        """The calibration source: the one given, else the trainer's DataModule."""
+        return calibration if calibration is not None else getattr(getattr(self, "_trainer", None), "datamodule", None)
+
+    def _prepare(self, pl_module):
+        raise NotImplementedError
+
+    def _export(self, trainer, pl_module, base_name, device) -> dict:
+        raise NotImplementedError
+
+    def on_fit_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            base_name = getattr(pl_module, "hparams", {}).get("model", getattr(pl_module, "model_name", None))
+            device = self.device or (pl_module.device if pl_module.device.type != "cpu" else "cpu")
+            self.summary = self._export(trainer, pl_module, base_name, device)
+            self.checkpoint_path = self.summary["output_dir"]
+        trainer.strategy.barrier(f"qft-{self.name}-export")
+
+    def state_dict(self):
+        return {"checkpoint_path": self.checkpoint_path, "summary": self.summary, "config": self.config.to_dict()}
+
+    def load_state_dict(self, state_dict):
+        self.checkpoint_path = state_dict.get("checkpoint_path")
+        self.summary = state_dict.get("summary")
+
+
+class GPTQExportCallback(ExportCallback):
     """Export the fine-tuned model as a Hugging Face GPTQ checkpoint when ``fit`` ends.
 
     Args:
@@ -74,8 +130,7 @@ class GPTQExportCallback(pl.Callback):
     - ``state_dict``/``load_state_dict``: whether the export ran and where, so a resumed run knows.
     """
 
-    # qft.sharding: refused under FSDP, where a rank holds only shards
-    whole_weights = "the export merges and quantizes every layer's whole weight at fit end"
+    name = "gptq"
 
     def __init__(self, output_dir, bits: int | None = None, group_size: int | None = None, sym: bool | None = None,
                  desc_act: bool = _D.desc_act, static_groups: bool = _D.static_groups,
@@ -88,7 +143,7 @@ class GPTQExportCallback(pl.Callback):
                  merge_into: str = DEFAULT_MERGE_INTO, backend: str = "qft", device=None, dtype: str = "auto",
                  overwrite: bool = False, measure_drift: bool = True, progress: bool = True, save_dtype: str = "auto",
                  reuse_outputs: bool = True, calibration_offload: str = "none"):
-        super().__init__()
+        super().__init__(output_dir, overwrite)
         self.grid = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym).items() if v is not None}
         self.solver = dict(desc_act=desc_act, static_groups=static_groups, act_group_aware=act_group_aware,
                            true_sequential=true_sequential, damp_percent=damp_percent, hessian_dtype=hessian_dtype,
@@ -106,9 +161,6 @@ class GPTQExportCallback(pl.Callback):
         if not isinstance(n_samples, int) or n_samples < 1 or not isinstance(seq_len, int) or seq_len < 2:
             raise ValueError(f"GPTQExportCallback(n_samples={n_samples!r}, seq_len={seq_len!r}): need n_samples >= 1 "
                              "and seq_len >= 2 (defaults 128 x 2048).")
-        self.output_dir = Path(output_dir)
-        self.overwrite = overwrite
-        check_output_dir(self.output_dir, overwrite)
         if isinstance(general_calibration, (str, os.PathLike)) and not Path(general_calibration).is_file():
             raise FileNotFoundError(f"GPTQExportCallback(general_calibration={str(general_calibration)!r}): no such "
                                     "file; pass a text file of general text (e.g. WikiText), or None.")
@@ -126,18 +178,9 @@ class GPTQExportCallback(pl.Callback):
         self.general_calibration, self.general_fraction = general_calibration, general_fraction
         self.backend, self.device, self.dtype, self.save_dtype = backend, device, dtype, save_dtype
         self.measure_drift, self.progress = measure_drift, progress
-        self.tokens: torch.Tensor | None = None
         self._anchoring = dict(general_rows=self.general_rows, general_target=self.general_target)
-        self.summary: dict | None = None
-        self.checkpoint_path: str | None = None
 
     # ------------------------------------------------------------------ checks before training
-    def setup(self, trainer, pl_module, stage):
-        if stage != "fit":
-            return
-        self._trainer = trainer
-        hooks.when_model_ready(pl_module, self._prepare, phase="observe")
-
     def _check(self, model) -> None:
         self.config = export_config(model, self.qat_grid, **self.grid, **self.solver)
         check_trained(model, self.config, self.qat_grid, self.backend)
@@ -145,9 +188,7 @@ class GPTQExportCallback(pl.Callback):
     def _prepare(self, pl_module):
         model = pl_module.model if hasattr(pl_module, "model") else pl_module
         self._check(model)
-        source = self.calibration
-        if source is None:
-            source = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        source = self._source(self.calibration)
         tokenizer = getattr(pl_module, "tokenizer", None)
         if needs_calibration(model, self.config, self.qat_grid):
             general = skip_start(self.general_calibration, self.general_start)
@@ -164,29 +205,17 @@ class GPTQExportCallback(pl.Callback):
             self.tokens = None
 
     # ------------------------------------------------------------------ the export
-    def on_fit_end(self, trainer, pl_module):
-        if trainer.is_global_zero:
-            self._check(pl_module.model)  # a callback may have changed the model since set-up (convert)
-            base_name = getattr(pl_module, "hparams", {}).get("model", getattr(pl_module, "model_name", None))
-            device = self.device or (pl_module.device if pl_module.device.type != "cpu" else "cpu")
-            self.summary = export(pl_module.model, getattr(pl_module, "tokenizer", None), self.tokens, self.output_dir,
-                                  self.config, base_name=base_name, merge_into=self.merge_into, backend=self.backend,
-                                  device=device, dtype=self.dtype, overwrite=self.overwrite,
-                                  measure_drift=self.measure_drift, progress=self.progress, qat_grid=self.qat_grid,
-                                  save_dtype=self.save_dtype, reuse_outputs=self.reuse_outputs,
-                                  calibration_offload=self.calibration_offload, **self._anchoring)
-            self.checkpoint_path = self.summary["output_dir"]
-            if trainer.logger is not None:
-                for key in ("drift", "export_drift"):
-                    for k, v in (self.summary.get(key) or {}).items():
-                        if k in ("kl", "max_logit_diff"):
-                            trainer.logger.log_metrics({f"export/{key}_{k}": v})
-        trainer.strategy.barrier("qft-gptq-export")
-
-    # ------------------------------------------------------------------ resume
-    def state_dict(self):
-        return {"checkpoint_path": self.checkpoint_path, "summary": self.summary, "config": self.config.to_dict()}
-
-    def load_state_dict(self, state_dict):
-        self.checkpoint_path = state_dict.get("checkpoint_path")
-        self.summary = state_dict.get("summary")
+    def _export(self, trainer, pl_module, base_name, device) -> dict:
+        self._check(pl_module.model)  # a callback may have changed the model since set-up (convert)
+        summary = export(pl_module.model, getattr(pl_module, "tokenizer", None), self.tokens, self.output_dir,
+                         self.config, base_name=base_name, merge_into=self.merge_into, backend=self.backend,
+                         device=device, dtype=self.dtype, overwrite=self.overwrite, measure_drift=self.measure_drift,
+                         progress=self.progress, qat_grid=self.qat_grid, save_dtype=self.save_dtype,
+                         reuse_outputs=self.reuse_outputs, calibration_offload=self.calibration_offload,
+                         **self._anchoring)
+        if trainer.logger is not None:
+            for key in ("drift", "export_drift"):
+                for k, v in (summary.get(key) or {}).items():
+                    if k in ("kl", "max_logit_diff"):
+                        trainer.logger.log_metrics({f"export/{key}_{k}": v})
+        return summary

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -91,9 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--format", default="gptq", choices=FORMATS,
                         help="gptq: weight-only GPTQ checkpoint (transformers, vLLM); w8a8: int8 weights and "
                              "activations as a compressed-tensors checkpoint (vLLM), see --activation")
-    parser.add_argument("--activation", default="dynamic", choices=ACTIVATIONS,
+    parser.add_argument("--activation", default=None, choices=ACTIVATIONS,
                         help="--format w8a8: int8 inputs quantized per token at run time (dynamic), or with one "
-                             "calibrated scale per layer (static, needs --calibration)")
+                             "calibrated scale per layer (static, needs --calibration unless QAT learned the "
+                             "ranges); default: what QAT trained, else dynamic")
     parser.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
                         help="--format w8a8: SmoothQuant migration strength in [0, 1] (0.5 in the paper; needs "
                              "--calibration)")
@@ -142,7 +144,7 @@ def run(args) -> dict:
     """Validate everything, then merge, quantize and write; prints and returns the summary."""
     if args.format == "w8a8":
         return _run_w8a8(args)
-    for flag, value in (("--activation", args.activation != "dynamic"), ("--smoothquant", args.smoothquant)):
+    for flag, value in (("--activation", args.activation is not None), ("--smoothquant", args.smoothquant)):
         if value:
             raise ValueError(f"qft export {flag} applies to --format w8a8 (GPTQ quantizes weights only); add "
                              f"--format w8a8 or drop {flag}.")
@@ -196,36 +198,42 @@ def _run_w8a8(args) -> dict:
     """``--format w8a8``: merge, then int8 weights and activations, as a compressed-tensors checkpoint."""
     from qft.ptq import W8A8Config
     from qft.ptq.export import export_w8a8
+    from qft.ptq.learned import learned_activation
 
     refused = [("--bits", args.bits not in (None, 8)), ("--group-size", args.group_size not in (None, -1)),
                ("--asym", bool(args.asym)), ("--layerwise", args.layerwise), ("--backend", args.backend != "qft"),
-               ("--qat-grid", args.qat_grid is not None), ("--general-target", args.general_target is not None),
+               ("--qat-grid refine", args.qat_grid == "refine"),
+               ("--general-target", args.general_target is not None),
                ("--general-calibration", args.general_calibration is not None), ("--desc-act", args.desc_act),
                ("--calibration-offload", args.calibration_offload != "none")]
     for flag, bad in refused:
         if bad:
             raise ValueError(f"qft export --format w8a8 cannot take {flag}: W8A8 is int8 symmetric per output "
                              f"channel, solved by qft in memory from task calibration only. Drop {flag}.")
-    cfg = W8A8Config(activation=args.activation, smoothquant=args.smoothquant, weight_method=args.method,
-                     damp_percent=args.damp_percent)
+    qat_grid = args.qat_grid or "keep"
+    cfg = W8A8Config(activation=args.activation or "dynamic", smoothquant=args.smoothquant,
+                     weight_method=args.method, damp_percent=args.damp_percent)
     check_merge_into(args.merge_into, "qft export")
     check_output_dir(args.output, args.overwrite)
     if args.calibration is not None and not Path(args.calibration).is_file():
         raise FileNotFoundError(f"--calibration {args.calibration}: no such file (a text file is expected).")
-    if cfg.needs_calibration and args.calibration is None:
+    # only a Lightning checkpoint can hold what QAT learned (adapters cannot): elsewhere, fail before loading
+    if cfg.needs_calibration and args.calibration is None and (not args.ckpt or qat_grid == "resolve"):
         raise CalibrationError(f"qft export --format w8a8: --calibration is required for --activation "
-                               f"{args.activation}, --smoothquant or --method gptq (dynamic + rtn needs none).")
+                               f"{cfg.activation}, --smoothquant or --method gptq (dynamic + rtn needs none).")
     if args.ckpt:
         model, tok, base_name, masks = _from_ckpt(args.ckpt, args.model, args.merge_into, args.allow_unsafe_load)
     else:
         model, tok, base_name, masks = _from_adapter(args.adapter, args.model, args.merge_into)
+    if args.activation is None and qat_grid == "keep":
+        cfg = replace(cfg, activation=learned_activation(model) or "dynamic")
     tokens = None
     if args.calibration is not None:
         tokens = calibration_mix(args.calibration, None, tok, args.n_samples, args.seq_len, 0.0,
                                  max_length=model_max_length(model))
     summary = export_w8a8(model, tok, tokens, args.output, cfg, base_name=base_name, merge_into=args.merge_into,
                           masks=masks, device=args.device, dtype=args.dtype, save_dtype=args.save_dtype,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, qat_grid=qat_grid)
     print(json.dumps({k: summary[k] for k in ("output_dir", "seconds")}, indent=2))
     return summary
 

@@ -11,22 +11,28 @@ import time
 import torch
 
 from qft import layers
+from qft.export.calibration import CalibrationError
 from qft.export.checkpoint import check_output_dir
 from qft.export.merge import DEFAULT_MERGE_INTO, check_merge_into, merge_adapters
 from qft.export.pipeline import DTYPES, resolve_dtype
 
 from .config import W8A8Config
-from .model import quantize_w8a8
+from .learned import learned_w8a8
+from .model import needs_calibration, quantize_w8a8
 
 
 def export_w8a8(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: W8A8Config,
                 base_name: str | None = None, merge_into: str = DEFAULT_MERGE_INTO, masks=None, device=None,
-                dtype: str = "auto", save_dtype: str = "auto", overwrite: bool = False, progress: bool = True) -> dict:
+                dtype: str = "auto", save_dtype: str = "auto", overwrite: bool = False, progress: bool = True,
+                qat_grid: str = "keep") -> dict:
     """Merge ``trained`` (a plain, LoRA or NF4+LoRA model), quantize it to W8A8 and write ``output_dir``.
 
     ``dtype``: the precision of the weight solve and the calibration passes (``auto``: bf16 where
     supported); ``save_dtype``: of the tensors left in floating point (``auto``: fp16 for fp32, else the
-    compute dtype). Returns the summary, also written as ``qft_export.json``.
+    compute dtype). ``qat_grid``: for a model trained with ``QATCallback`` on an int8 per-channel grid
+    (and ``activation=``), ``"keep"`` writes the codes, scales and static input ranges it learned, so the
+    checkpoint computes what the fake-quant model computed; ``"resolve"`` quantizes the merged weights
+    anew (``qft.ptq.learned``). Returns the summary, also written as ``qft_export.json``.
     """
     from .checkpoint import save_w8a8
 
@@ -36,11 +42,12 @@ def export_w8a8(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg
         if value not in DTYPES:
             raise ValueError(f"export_w8a8({arg}={value!r}) is unknown; allowed: {list(DTYPES)}.")
     merge_into = check_merge_into(merge_into)
-    learned = layers.grids(trained)
-    if learned:
-        raise ValueError(f"export_w8a8: {len(learned)} layers carry a QAT grid (e.g. {next(iter(learned))}); the "
-                         "W8A8 export solves its own int8 grid from the merged weights. Export them with GPTQ "
-                         "(qft export), or train without QAT.")
+    fixed, input_scales = learned_w8a8(trained, cfg, qat_grid)
+    solves = needs_calibration(layers.unwrap(trained), cfg, fixed, input_scales)
+    if solves and tokens is None:
+        raise CalibrationError(f"export_w8a8: activation={cfg.activation!r}, smoothquant={cfg.smoothquant!r}, "
+                               f"weight_method={cfg.weight_method!r} measure layers that QAT did not train, so they "
+                               "need calibration tokens; pass some (qft export --calibration FILE).")
     check_output_dir(output_dir, overwrite)
     device = torch.device(device or "cpu")
     t0 = time.perf_counter()
@@ -48,10 +55,13 @@ def export_w8a8(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg
     trained.eval()
     model = merge_adapters(trained, base_name, merge_into=merge_into, masks=masks)
     trained.train(was_training)
-    compute = resolve_dtype(dtype, device)
-    summary = quantize_w8a8(model, cfg, tokens, device=device, progress=progress, compute_dtype=compute)
+    compute = resolve_dtype(dtype, device) if solves else torch.float32  # nothing measured: write the merged
+    # fp32 weights and the kept grids as they are (as the GPTQ export does for a kept grid)
+    summary = quantize_w8a8(model, cfg, tokens, device=device, progress=progress, compute_dtype=compute,
+                            fixed=fixed, input_scales=input_scales)
     rows = summary.pop("rows")
-    summary.update(merge_into=merge_into, dtype=str(compute).replace("torch.", ""),
+    summary.update(merge_into=merge_into, qat_grid=qat_grid if fixed or input_scales else None,
+                   dtype=str(compute).replace("torch.", ""),
                    calibration=None if tokens is None else list(tokens.shape), seconds=time.perf_counter() - t0)
     save = DTYPES[save_dtype] or (torch.float16 if compute == torch.float32 else compute)
     out = save_w8a8(model, output_dir, cfg, tokenizer=tokenizer, overwrite=overwrite, dtype=save,

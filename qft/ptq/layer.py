@@ -8,7 +8,8 @@ that vLLM serves are one set of numbers. The forward quantizes the input on the 
 [-128, 127]), multiplies the integers, and rescales: ``y = (s_x q_x) (s_w q_w)^T + b``.
 
 ``int8_kernel=True`` multiplies with ``torch._int_mm`` (int8 x int8 -> int32) where this build has it;
-the default multiplies the same integers in fp32, exact up to fp32 rounding of the sums.
+the default multiplies the dequantized values in fp32 (``(s_x q_x) (s_w q_w)^T``, the operands QAT's
+fake-quant forms, so a QAT-trained layer exported keeps its outputs bit for bit).
 """
 from __future__ import annotations
 
@@ -16,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qft.quant import QuantScheme, QuantizedWeight
-from qft.quant.grid import scale_zero_from_range
+from qft.quant import InputGrid, QuantScheme, QuantizedWeight
+from qft.quant.grid import activation_params
 
 ZERO = 128  # the symmetric 8-bit grid's zero point in qft's unsigned convention (codes 0..255)
 
 
 def input_scale_from_absmax(absmax: torch.Tensor) -> torch.Tensor:
     """The static per-tensor scale of an input whose calibrated range is ``[-absmax, absmax]``."""
-    scale, _ = scale_zero_from_range(-absmax.float().reshape(1), absmax.float().reshape(1), 8, True)
+    scale, _ = activation_params(-absmax.float().reshape(1), absmax.float().reshape(1), 8, True)
     return scale
 
 
@@ -59,6 +60,12 @@ class W8A8Linear(nn.Module):
             return QuantScheme(bits=8, symmetric=True, granularity="per_token", dynamic=True)
         return QuantScheme(bits=8, symmetric=True, granularity="per_tensor")
 
+    def input_grid(self) -> InputGrid:
+        """The input's grid in qft's currency (``qft.layers.input_grid``); zero 128 as for the weights."""
+        if self.dynamic:
+            return InputGrid(self.activation_scheme)
+        return InputGrid(self.activation_scheme, self.input_scale.clone(), torch.full((1,), float(ZERO)))
+
     def quantized_weight(self) -> QuantizedWeight:
         """The weight's grid in qft's currency (codes 0..255 around zero 128)."""
         n_out = self.out_features
@@ -74,22 +81,21 @@ class W8A8Linear(nn.Module):
         xf = x.float()
         if self.dynamic:
             absmax = xf.abs().amax(-1, keepdim=True)
-            scale, _ = scale_zero_from_range(-absmax, absmax, 8, True)
+            scale, _ = activation_params(-absmax, absmax, 8, True)
         else:
             scale = self.input_scale
         return torch.clamp(torch.round(xf / scale), -ZERO, ZERO - 1), scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, sx = self.quantize_input(x)
-        if self.int8_kernel:
-            flat = q.reshape(-1, self.in_features).to(torch.int8)
-            acc = torch._int_mm(flat, self.weight.t()).reshape(*q.shape[:-1], self.out_features).float()
-        else:
-            acc = F.linear(q, self.weight.float())
+        bias = None if self.bias is None else self.bias.float()
+        if not self.int8_kernel:  # the dequantized operands, exactly as QAT's fake-quant forms them, so a
+            # layer exported from QAT computes what training computed bit for bit (fp32)
+            return F.linear(q * sx, self.dequantized_weight(), bias).to(x.dtype)
+        flat = q.reshape(-1, self.in_features).to(torch.int8)
+        acc = torch._int_mm(flat, self.weight.t()).reshape(*q.shape[:-1], self.out_features).float()
         y = acc * sx * self.weight_scale.reshape(-1)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)
+        return (y if bias is None else y + bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         kind = "dynamic per-token" if self.dynamic else "static per-tensor"

@@ -3,7 +3,8 @@
 Lifecycle (each step only when the config asks for it):
 
 1. **validate**: the config, the model (plain linears: a trained model is merged first, as for GPTQ)
-   and the calibration tokens, before any work;
+   and the calibration tokens, before any work; grids QAT learned (``fixed``, ``input_scales``) are
+   kept as they are, and nothing is measured for them;
 2. **smooth** (``smoothquant=alpha``): one forward pass collects each norm-fed linear's input magnitude
    per channel, and SmoothQuant's scales are folded into the norms and weights (``qft.ptq.smoothquant``);
 3. **weights**: every decoder-block linear is rounded to int8 per output channel, by RTN or by GPTQ's
@@ -36,21 +37,40 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {f"{prefix}.{i}.{n}": lin for i, b in enumerate(blocks) for n, lin in block_linears(b).items()}
 
 
+def needs_calibration(model: nn.Module, cfg: W8A8Config, fixed: dict | None = None,
+                      input_scales: dict | None = None) -> bool:
+    """Whether anything is measured on data: SmoothQuant, a GPTQ solve of a layer without a kept grid,
+    or a static range that QAT did not learn (``fixed``/``input_scales``: what ``qft.ptq.learned`` keeps)."""
+    names = decoder_linears(model)
+    fixed, input_scales = fixed or {}, input_scales or {}
+    return (cfg.smoothquant is not None
+            or cfg.weight_method == "gptq" and any(n not in fixed for n in names)
+            or cfg.activation == "static" and any(n not in input_scales for n in names))
+
+
 def quantize_w8a8(model: nn.Module, cfg: W8A8Config, tokens: torch.Tensor | None = None, batch_size: int = 16,
-                  device=None, progress: bool = True, compute_dtype: torch.dtype | None = None) -> dict:
+                  device=None, progress: bool = True, compute_dtype: torch.dtype | None = None,
+                  fixed: dict | None = None, input_scales: dict | None = None) -> dict:
     """Quantize ``model``'s decoder linears to W8A8 in place (see the module docstring); returns a summary
     with the time of each step, the layers smoothed and the report rows of the weight solve.
 
     ``compute_dtype``: the parameters are cast to it after smoothing (which is best folded in the
-    model's own, usually fp32, precision) and before the weight solve and the activation ranges."""
+    model's own, usually fp32, precision) and before the weight solve and the activation ranges.
+    ``fixed`` (``{layer: QuantizedWeight}``) and ``input_scales`` (``{layer: static input scale}``) are
+    grids chosen before, by QAT (``qft.ptq.learned``): they are written as they are, never re-solved."""
     if not isinstance(cfg, W8A8Config):
         raise TypeError(f"quantize_w8a8(cfg={cfg!r}): expected a qft.ptq.W8A8Config.")
     gcfg = cfg.gptq_config()
     check_model(model, gcfg)
-    if cfg.needs_calibration and tokens is None:
+    fixed, input_scales = fixed or {}, dict(input_scales or {})
+    if (fixed or input_scales) and cfg.smoothquant is not None:
+        raise ValueError("quantize_w8a8: SmoothQuant rescales weights and inputs, so it cannot keep fixed grids "
+                         "(fixed=/input_scales=); drop one of them.")
+    if tokens is None and needs_calibration(model, cfg, fixed, input_scales):
         raise CalibrationError(f"quantize_w8a8: activation={cfg.activation!r}, smoothquant={cfg.smoothquant!r}, "
-                               f"weight_method={cfg.weight_method!r} need calibration tokens; pass some, or use "
-                               "W8A8Config() (dynamic, RTN, no SmoothQuant), which needs none.")
+                               f"weight_method={cfg.weight_method!r} need calibration tokens for the layers without "
+                               "a learned grid; pass some, or use W8A8Config() (dynamic, RTN, no SmoothQuant), which "
+                               "needs none.")
     if tokens is not None and (tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"quantize_w8a8(tokens=...): token ids [n, seq] expected, got {tokens.dtype} "
                          f"{tuple(tokens.shape)}; see qft.export.calibration.calibration_tokens.")
@@ -77,13 +97,15 @@ def quantize_w8a8(model: nn.Module, cfg: W8A8Config, tokens: torch.Tensor | None
             p.data = p.data.to(compute_dtype)
     t = time.perf_counter()
     quantized, rows = quantize_model(model, gcfg, tokens if cfg.weight_method == "gptq" else None, device=device,
-                                     batch_size=batch_size, progress=progress)
+                                     batch_size=batch_size, progress=progress, fixed=fixed)
     summary["weights_s"] = time.perf_counter() - t
-    in_scales: dict[str, torch.Tensor] = {}
-    if cfg.activation == "static":
+    summary["learned_layers"], summary["learned_input_scales"] = len(fixed), len(input_scales)
+    in_scales = input_scales if cfg.activation == "static" else {}
+    todo = {n: lin for n, lin in linears.items() if n not in in_scales}
+    if cfg.activation == "static" and todo:
         t = time.perf_counter()
-        ranges = input_absmax(model, tokens, linears, batch_size, device)
-        in_scales = {n: input_scale_from_absmax(r.max()) for n, r in ranges.items()}
+        ranges = input_absmax(model, tokens, todo, batch_size, device)
+        in_scales.update({n: input_scale_from_absmax(r.max()) for n, r in ranges.items()})
         summary["activations_s"] = time.perf_counter() - t
     modules = dict(model.named_modules())
     for name, lin in linears.items():

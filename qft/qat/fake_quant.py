@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from qft.quant.grid import fp16_scale, scale_zero_from_range
+from qft.quant.grid import activation_params, fp16_scale
 
 
 class _STEFakeQuant(torch.autograd.Function):
@@ -99,4 +99,4 @@ def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
 def per_token_params(x: torch.Tensor, bits: int, symmetric: bool):
     """Dynamic per-token ``scale, zero`` (shape ``[..., 1]``) from each token's own range."""
     xd = x.detach().float()
-    return scale_zero_from_range(xd.amin(-1, keepdim=True), xd.amax(-1, keepdim=True), bits, symmetric)
+    return activation_params(xd.amin(-1, keepdim=True), xd.amax(-1, keepdim=True), bits, symmetric)

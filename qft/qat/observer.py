@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qft.quant import QuantScheme
-from qft.quant.grid import scale_zero_from_range
+from qft.quant import InputGrid, QuantScheme
+from qft.quant.grid import activation_params
 
 from .fake_quant import per_token_params, ste_fake_quant
 
@@ -56,8 +56,8 @@ class ActivationFakeQuant(nn.Module):
             return per_token_params(x, s.bits, s.symmetric)
         if s.dynamic:  # per_tensor, range of this rank's batch (dynamic ranges are local, like per_token)
             xd = x.detach().float()
-            return scale_zero_from_range(xd.amin(), xd.amax(), s.bits, s.symmetric)
-        return scale_zero_from_range(self.min_val, self.max_val, s.bits, s.symmetric)
+            return activation_params(xd.amin(), xd.amax(), s.bits, s.symmetric)
+        return activation_params(self.min_val, self.max_val, s.bits, s.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observed and self.training and bool(self.observing):
@@ -66,6 +66,15 @@ class ActivationFakeQuant(nn.Module):
             return x  # nothing observed yet (e.g. eval before any training step): pass through
         scale, zero = self.qparams(x)
         return ste_fake_quant(x.float(), scale, zero, self.scheme.maxq).to(x.dtype)
+
+    def grid(self) -> InputGrid:
+        """The input grid an export writes: the scheme, and for an observer the scale and zero its
+        fake-quant uses now (``qparams``), so the exported layer quantizes inputs as training did (None
+        before it has observed anything)."""
+        if not self.observed or int(self.num_updates) == 0:
+            return InputGrid(self.scheme)
+        scale, zero = activation_params(self.min_val, self.max_val, self.scheme.bits, self.scheme.symmetric)
+        return InputGrid(self.scheme, scale.reshape(1), zero.reshape(1))
 
     def extra_repr(self) -> str:
         s = self.scheme

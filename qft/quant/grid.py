@@ -60,6 +60,24 @@ def weight_params(w: torch.Tensor, scheme: QuantScheme):
     return fp16_scale(scale), zero
 
 
+def activation_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool):
+    """Scale and zero of an activation range ``[xmin, xmax]`` (any shape).
+
+    A symmetric grid maps ``absmax`` to the integer ``2^(bits-1) - 1`` (127 for int8: vLLM's dynamic
+    per-token kernel computes ``absmax / 127`` at run time, so qft's reference is the runtime's). Two
+    reasons not to reuse the weight grid (``scale_zero_from_range``): its ``2 absmax / 255`` puts a
+    negative ``-absmax`` exactly on a rounding tie (-127.5), which fp32 noise then sends to -127 or -128,
+    so two correct computations of one token disagree by a whole step on its largest element; and its
+    GPTQ convention keeps ``xmin = 0`` for a range with no negative value, clipping at half the maximum.
+    """
+    if symmetric:
+        absmax = torch.maximum(xmin.abs(), xmax.abs())
+        absmax = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
+        half = 2 ** (bits - 1)
+        return absmax / (half - 1), torch.full_like(absmax, float(half))
+    return scale_zero_from_range(xmin, xmax, bits, False)
+
+
 def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
     """Round scales to fp16, as the checkpoint stores them, so fake-quant and export agree exactly."""
     return scale.to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny).float()

@@ -7,8 +7,11 @@ file without being recomputed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from .scheme import QuantScheme
 
 
 @dataclass
@@ -44,3 +47,21 @@ class QuantizedWeight:
         first = parts[0]
         return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
                                torch.cat([p.zero for p in parts]), first.g_idx, first.bits, first.group_size)
+
+
+@dataclass
+class InputGrid:
+    """How a layer quantizes its input, the activation half of a weight-and-activation grid.
+
+    ``scale``/``zero`` are the fixed per-tensor values of a static grid (calibrated, or observed in
+    QAT); they are None where the scale is computed from each input at run time (``scheme.dynamic``),
+    and for a static grid whose observer has seen no data yet.
+    """
+
+    scheme: QuantScheme
+    scale: Optional[torch.Tensor] = None
+    zero: Optional[torch.Tensor] = None
+
+    @property
+    def static(self) -> bool:
+        return not self.scheme.dynamic

@@ -21,9 +21,19 @@ def test_transformers_loads_it_and_matches_the_reference(tiny, calib_tokens, tmp
     ids = calib_tokens[:2, :48]
     with torch.no_grad():
         got, ref = hf(ids).logits, tiny(ids).logits
-    # per-token rounding is discontinuous: fp32 sums in another order flip a few codes (measured 0.3%)
-    assert float((got - ref).norm() / ref.norm()) < 1e-2
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
-    with torch.no_grad():  # the same input gives the same layer output: the layers are equal
-        x = torch.randn(2, 5, lin.in_features, generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(lin(x), tiny.model.layers[0].mlp.down_proj(x), rtol=1e-5, atol=1e-5)
+    ours = tiny.model.layers[0].mlp.down_proj
+    # transformers decompresses the file to the weights qft's layer holds (scale * integer)
+    torch.testing.assert_close(lin.weight.data.float(), ours.dequantized_weight(), rtol=0, atol=0)
+    x = torch.randn(2, 5, lin.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = lin(x), ours(x)
+    if activation == "static":  # the stored input scale: the same layer, up to fp32 sums
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert float((got - ref).norm() / ref.norm()) < 1e-2  # per-tensor rounding flips a few codes
+    else:
+        # per-token scales are computed at run time: compressed-tensors' emulation (what transformers
+        # runs) takes absmax / 127.5, vLLM's int8 kernel and qft absmax / 127, so the two differ by a
+        # rounding step here and there (measured 1.3% of the logits' norm on this random model)
+        assert float((a - b).norm() / b.norm()) < 1e-2
+        assert float((got - ref).norm() / ref.norm()) < 3e-2
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
