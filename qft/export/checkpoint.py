@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from qft.quant import QuantizedWeight, pack_gptq
+from qft.quant.pack import pack_awq
 
 from .config import GPTQConfig
 
@@ -90,7 +91,11 @@ def qft_version() -> str:
 
 
 def quantization_config(cfg: GPTQConfig) -> dict:
-    """The ``quantization_config`` block of ``config.json``."""
+    """The ``quantization_config`` block of ``config.json`` (GPTQ's, or AWQ's for ``method="awq"``)."""
+    if cfg.checkpoint_format == "awq":
+        return {"quant_method": "awq", "bits": cfg.bits, "group_size": cfg.group_size, "zero_point": True,
+                "version": "gemm", "modules_to_not_convert": None,
+                "meta": {"quantizer": [f"qft:{qft_version()}"], "method": cfg.method, "sym": cfg.sym}}
     return {
         "quant_method": "gptq",
         "bits": cfg.bits,
@@ -115,10 +120,12 @@ def default_save_dtype(model) -> torch.dtype:
     return torch.float16 if dt == torch.float32 else dt
 
 
-def packed_layer(name: str, qw: QuantizedWeight, bias, dtype: torch.dtype) -> dict:
-    """The GPTQ tensors of one quantized linear (``<name>.qweight/qzeros/scales/g_idx`` and its bias)."""
-    sd = {f"{name}.{k}": v.contiguous().clone() for k, v in pack_gptq(qw.codes, qw.scale, qw.zero, qw.g_idx,
-                                                                         qw.bits).items()}
+def packed_layer(name: str, qw: QuantizedWeight, bias, dtype: torch.dtype, fmt: str = "gptq") -> dict:
+    """The tensors of one quantized linear and its bias: GPTQ's ``<name>.qweight/qzeros/scales/g_idx``,
+    or AWQ's GEMM ``qweight/qzeros/scales`` (``fmt="awq"``)."""
+    packed = pack_awq(qw.codes, qw.scale, qw.zero) if fmt == "awq" else \
+        pack_gptq(qw.codes, qw.scale, qw.zero, qw.g_idx, qw.bits)
+    sd = {f"{name}.{k}": v.contiguous().clone() for k, v in packed.items()}
     if bias is not None:
         sd[f"{name}.bias"] = bias.detach().to("cpu", dtype).contiguous()
     return sd
@@ -141,13 +148,14 @@ def plain_tensors(module, skip: set[str], dtype: torch.dtype, prefix: str = "") 
     return sd
 
 
-def quantized_state_dict(model, quantized: dict[str, QuantizedWeight], dtype: torch.dtype) -> dict:
-    """Full state dict with each quantized linear replaced by its GPTQ tensors."""
+def quantized_state_dict(model, quantized: dict[str, QuantizedWeight], dtype: torch.dtype,
+                         fmt: str = "gptq") -> dict:
+    """Full state dict with each quantized linear replaced by its packed tensors (``packed_layer``)."""
     modules = dict(model.named_modules())
     sd, skip = {}, set()
     for name, qw in quantized.items():
         bias = getattr(modules[name], "bias", None)
-        sd.update(packed_layer(name, qw, bias, dtype))
+        sd.update(packed_layer(name, qw, bias, dtype, fmt))
         skip |= {f"{name}.weight", f"{name}.bias"}
     sd.update(plain_tensors(model, skip, dtype))
     return sd
@@ -222,7 +230,7 @@ def save_quantized(model, quantized: dict[str, QuantizedWeight], cfg: GPTQConfig
     writer = CheckpointWriter(output_dir, overwrite)
     dtype = dtype or default_save_dtype(model)
     try:
-        writer.add(quantized_state_dict(model, quantized, dtype))
+        writer.add(quantized_state_dict(model, quantized, dtype, cfg.checkpoint_format))
         return writer.finish(model, quantization_config(cfg), dtype, tokenizer, report_rows, extra_files)
     except BaseException:
         writer.abort()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "rtn", "awq", "awq_gptq")
 HESSIAN_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -52,7 +52,10 @@ class GPTQConfig:
                 "better at 2-3 bits)."})
     mse_grid: int = field(default=100, metadata={"help": "Grid points of the clipping search."})
     mse_maxshrink: float = field(default=0.8, metadata={"help": "Largest fraction the range may shrink by."})
-    method: str = field(default="gptq", metadata={"help": f"One of {METHODS}; 'rtn' is round-to-nearest."})
+    method: str = field(default="gptq", metadata={
+        "help": f"One of {METHODS}: 'rtn' is round-to-nearest; 'awq' searches AWQ's per-channel scales and "
+                "clipping (qft.export.awq) and rounds, written as an AWQ (GEMM) checkpoint; 'awq_gptq' folds "
+                "AWQ's scales, then GPTQ solves, written as GPTQ."})
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
@@ -80,6 +83,10 @@ class GPTQConfig:
                              f"{list(HESSIAN_DTYPES)}.")
         if self.method not in METHODS:
             raise ValueError(f"GPTQConfig(method={self.method!r}) is unknown; allowed: {list(METHODS)}.")
+        if self.method == "awq" and (self.bits != 4 or self.desc_act):
+            raise ValueError(f"GPTQConfig(method='awq', bits={self.bits}, desc_act={self.desc_act}): the AWQ (GEMM) "
+                             "checkpoint holds 4-bit weights in natural column order. Use bits=4 without desc_act, "
+                             "or method='awq_gptq' (AWQ scales, then GPTQ, written as GPTQ) for other widths.")
         if not isinstance(self.mse_grid, int) or self.mse_grid < 1 or not 0 <= self.mse_maxshrink < 1:
             raise ValueError(f"GPTQConfig(mse_grid={self.mse_grid!r}, mse_maxshrink={self.mse_maxshrink!r}): "
                              "need mse_grid >= 1 and 0 <= mse_maxshrink < 1.")
@@ -101,6 +108,16 @@ class GPTQConfig:
                              "scheme instead so training and export keep one grid.")
         return cls(bits=scheme.bits, group_size=scheme.group_size if granularity == "per_group" else -1,
                    sym=scheme.symmetric, **overrides)
+
+    @property
+    def awq(self) -> bool:
+        """Whether AWQ's scales are searched and folded first (``qft.export.awq``)."""
+        return self.method in ("awq", "awq_gptq")
+
+    @property
+    def checkpoint_format(self) -> str:
+        """``"awq"`` (transformers' AWQ GEMM layout) for ``method="awq"``, else ``"gptq"``."""
+        return "awq" if self.method == "awq" else "gptq"
 
     def group_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size

@@ -140,7 +140,7 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
         head = f"{prefix}.{i}."
         shard, done = {}, set()
         for name, qw in quantized.items():
-            shard.update(packed_layer(name, qw, model.get_submodule(name).bias, save))
+            shard.update(packed_layer(name, qw, model.get_submodule(name).bias, save, cfg.checkpoint_format))
             done |= {f"{name}.weight", f"{name}.bias"}
         shard.update(plain_tensors(block, done, save, prefix=head))
         writer.add(shard)

@@ -3,7 +3,8 @@
 The model is built from ``config.json`` (its ``quantization_config`` set aside, so transformers does not
 ask for a GPTQ backend), every linear layer that has ``qweight`` in the checkpoint is swapped for a
 ``qft.quant.GPTQLinear`` of the same shape, and the state dict is loaded strictly. It reads any
-"gptq"-format checkpoint with v1 zero points and int32 packing, ours or gptqmodel's.
+"gptq"-format checkpoint with v1 zero points and int32 packing, ours or gptqmodel's, and AWQ GEMM
+checkpoints (read as their dequantized weights, ``_awq_dequantized``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,23 @@ def _read_state_dict(path: Path) -> dict:
     return sd
 
 
+def _awq_dequantized(sd: dict, group_size: int) -> dict:
+    """AWQ GEMM tensors as each layer's dequantized weight ``scale * (q - zero)`` (fp32). GPTQ's v1 layout
+    cannot hold AWQ's zero point 0, so AWQ layers are read as plain linears with the same values."""
+    from qft.quant.pack import unpack_awq
+
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".qweight"):
+            name = k[: -len(".qweight")]
+            codes, scale, zero = unpack_awq(v, sd[f"{name}.qzeros"], sd[f"{name}.scales"])
+            g = torch.arange(codes.shape[1]) // group_size
+            out[f"{name}.weight"] = scale[:, g] * (codes.float() - zero[:, g])
+        elif not k.endswith((".qzeros", ".scales")):
+            out[k] = v
+    return out
+
+
 def load_quantized(path, device="cpu", dtype: torch.dtype | None = None):
     """The exported causal LM at ``path`` with ``GPTQLinear`` layers, in eval mode on ``device``.
 
@@ -40,12 +58,15 @@ def load_quantized(path, device="cpu", dtype: torch.dtype | None = None):
         raise FileNotFoundError(f"load_quantized({str(path)!r}): no config.json; is this an exported checkpoint?")
     raw = json.loads((path / "config.json").read_text())
     qc = raw.get("quantization_config") or {}
-    if qc.get("quant_method") != "gptq":
-        raise ValueError(f"load_quantized({str(path)!r}): quantization_config.quant_method is "
-                         f"{qc.get('quant_method')!r}, expected 'gptq'.")
-    fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
-    if fmt != "gptq":
-        raise ValueError(f"load_quantized: checkpoint_format={fmt!r} is not supported; only 'gptq' (v1 zero points).")
+    method = qc.get("quant_method")
+    if method not in ("gptq", "awq"):
+        raise ValueError(f"load_quantized({str(path)!r}): quantization_config.quant_method is {method!r}, expected "
+                         "'gptq' or 'awq'.")
+    fmt = qc.get("checkpoint_format", qc.get("format", "gptq")) if method == "gptq" else \
+        str(qc.get("version", qc.get("format", "gemm"))).lower()
+    if fmt not in ("gptq", "gemm"):
+        raise ValueError(f"load_quantized: {method} format {fmt!r} is not supported; GPTQ with v1 zero points, or "
+                         "AWQ GEMM.")
     bits, group_size = int(qc["bits"]), int(qc["group_size"])
     config = AutoConfig.from_pretrained(str(path))
     if hasattr(config, "quantization_config"):
@@ -54,6 +75,8 @@ def load_quantized(path, device="cpu", dtype: torch.dtype | None = None):
     if dtype is None:
         floats = [v.dtype for k, v in sd.items() if v.is_floating_point() and not k.endswith(".scales")]
         dtype = floats[0] if floats else torch.float16
+    if method == "awq":
+        sd = _awq_dequantized(sd, group_size)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and f"{name}.qweight" in sd:

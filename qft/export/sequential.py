@@ -141,6 +141,22 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     rows: list[dict] = []
 
     fixed = fixed or {}
+    given_label, awq_of = "qat", {}
+    if cfg.awq:  # AWQ's scales are folded into the model first (qft.export.awq); "awq" also rounds there
+        if fixed:
+            raise ValueError(f"quantize_model(method={cfg.method!r}): AWQ rescales weights, so it cannot keep the "
+                             f"{len(fixed)} fixed grids given (QAT's); export them with method='gptq' or 'rtn', or "
+                             "solve a new grid (qat_grid='resolve').")
+        if tokens is None:
+            raise ValueError(f"quantize_model(method={cfg.method!r}) needs calibration tokens (AWQ's scales are "
+                             "searched on activations); see qft.export.calibration.")
+        from .awq import awq_prepass
+
+        fixed, awq_rows = awq_prepass(model, cfg, tokens, device, batch_size, progress=progress)
+        given_label = "awq"
+        awq_of = {f"{prefix}.{r['block']}.{n}": {"awq_alpha": r["alpha"], "awq_error_ratio": r["error_ratio"],
+                                                  "awq_max_scale": r["max_scale"]}
+                  for r in awq_rows for n in r["layers"].split(",")}
 
     def commit(i, names, lin_map, qw: QuantizedWeight, seconds, n_tokens, X=None, method=cfg.method):
         start = 0
@@ -159,7 +175,8 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             rows.append(dict(layer=full, block=i, in_features=lin.in_features, out_features=lin.out_features,
                              shared_with=",".join(x for x in names if x != n), method=method, bits=cfg.bits,
                              group_size=cfg.group_size, damp_percent=qw.damp_percent, n_tokens=n_tokens,
-                             gptq_loss=qw.loss, rel_output_error=part.rel_error, seconds=round(seconds, 4)))
+                             gptq_loss=qw.loss, rel_output_error=part.rel_error, seconds=round(seconds, 4),
+                             **awq_of.get(full, {})))
             bar.update(1)
 
     every_fixed = all(f"{prefix}.{i}.{n}" in fixed for i, b in enumerate(blocks) for n in block_linears(b))
@@ -172,7 +189,8 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                 t0 = time.perf_counter()
                 given = fixed.get(f"{prefix}.{i}.{n}")
                 qw = given if given is not None else rtn_solve(lin.weight.to(device), cfg)
-                commit(i, [n], lins, qw.cpu(), time.perf_counter() - t0, 0, method="qat" if given else cfg.method)
+                commit(i, [n], lins, qw.cpu(), time.perf_counter() - t0, 0,
+                       method=given_label if given else cfg.method)
             _release(release_block, quantized, prefix, i, block)
         bar.close()
         return quantized, rows

@@ -77,3 +77,41 @@ def unpack_gptq(qweight, qzeros, scales, g_idx, bits: int):
     g = g_idx.long()
     w = scales.float()[g] * (q - zeros[g])
     return w.t().contiguous()
+
+
+# ---- AWQ (GEMM) layout ------------------------------------------------------------------------------
+#: AutoAWQ's GEMM kernels read the eight 4-bit codes of a word in this order of output columns.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _pack_awq_cols(values: torch.Tensor) -> torch.Tensor:
+    """4-bit ``values [n, m]`` -> int32 ``[n, m/8]``: eight output columns per word, in ``AWQ_ORDER``."""
+    n, m = values.shape
+    if m % 8:
+        raise ValueError(f"AWQ packing needs out_features to be a multiple of 8, got {m}.")
+    v = values.to(torch.int64).reshape(n, m // 8, 8)[..., list(AWQ_ORDER)]
+    words = (v << (4 * torch.arange(8, device=v.device))).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _unpack_awq_cols(packed: torch.Tensor) -> torch.Tensor:
+    n, w = packed.shape
+    nib = (packed.to(torch.int64)[..., None] >> (4 * torch.arange(8, device=packed.device))) & 0xF
+    out = torch.empty_like(nib)
+    out[..., list(AWQ_ORDER)] = nib
+    return out.reshape(n, w * 8).to(torch.int32)
+
+
+def pack_awq(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    """4-bit ``codes [out, in]``, ``scale/zero [out, n_groups]`` -> the AWQ GEMM tensors
+    ``qweight`` int32 ``[in, out/8]``, ``qzeros`` int32 ``[n_groups, out/8]`` (zeros as they are, no v1
+    offset) and ``scales`` fp16 ``[n_groups, out]``."""
+    return {"qweight": _pack_awq_cols(codes.t().contiguous()),
+            "qzeros": _pack_awq_cols(zero.round().t().contiguous()),
+            "scales": scale.t().contiguous().to(torch.float16)}
+
+
+def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor):
+    """Inverse of ``pack_awq``: ``(codes [out, in], scale [out, G], zero [out, G])``."""
+    return (_unpack_awq_cols(qweight).t().contiguous(), scales.float().t().contiguous(),
+            _unpack_awq_cols(qzeros).t().contiguous().float())
