@@ -60,18 +60,19 @@ def weight_mean(W: torch.Tensor, group: int) -> torch.Tensor:
 @torch.no_grad()
 def search_scale(W: torch.Tensor, H: torch.Tensor, x_mean: torch.Tensor, cfg: GPTQConfig,
                  n_grid: int = N_GRID, duo: bool = True) -> tuple[torch.Tensor, float, float]:
-    """``(s, a, error / error at s = 1)``: the input-channel scale of the stacked weights ``W`` [out, in]
-    with the least output error after rounding (see the module docstring, step 3)."""
+    """``(s, a, error / error of plain rounding)``: the input-channel scale of the stacked weights ``W``
+    [out, in] with the least output error after rounding (see the module docstring, step 3); ``a`` is
+    None when no scale beats plain rounding (then ``s`` is all ones)."""
     W, H, x_mean = W.float(), H.float(), x_mean.float()
     w_mean = weight_mean(W, cfg.group_for(W.shape[1])) if duo else None
-    best, base = (float("inf"), torch.ones_like(x_mean), 0.0), None
+    base = float(output_error(W - _rtn(W, cfg), H))  # s = 1 (plain rounding) is a candidate too: never worse
+    best = (base, torch.ones_like(x_mean), None)
     for k in range(n_grid):
         a = k / n_grid
         s = x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4) if duo else x_mean.pow(a)
         s = s.clamp_min(1e-4)
         s = s / (s.max() * s.min()).sqrt()
         err = float(output_error(W - _rtn(W * s, cfg) / s, H))
-        base = err if base is None else base
         if err < best[0]:
             best = (err, s, a)
     return best[1], best[2], best[0] / base if base else 1.0

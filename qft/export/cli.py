@@ -21,7 +21,7 @@ import torch
 from .calibration import (DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, GENERAL_FRACTION, CalibrationError, calibration_mix,
                           model_max_length, skip_start)
 from .checkpoint import check_output_dir
-from .config import HESSIAN_DTYPES, SUPPORTED_BITS, GPTQConfig
+from .config import HESSIAN_DTYPES, METHODS, SUPPORTED_BITS, GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, MERGE_INTO, check_merge_into
 from .offload import OFFLOADS, check_offload
 
@@ -69,7 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--damp-percent", type=float, default=_D.damp_percent)
     parser.add_argument("--hessian-dtype", default=_D.hessian_dtype, choices=HESSIAN_DTYPES)
     parser.add_argument("--mse", action="store_true", help="grid-search the clipping range")
-    parser.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
+    parser.add_argument("--method", default="gptq", choices=METHODS,
+                        help="gptq; rtn (round-to-nearest); awq (AWQ scales and clipping, written as an AWQ GEMM "
+                             "checkpoint, 4-bit); awq_gptq (AWQ scales, then GPTQ, written as GPTQ). --format w8a8 "
+                             "takes gptq or rtn")
     parser.add_argument("--merge-into", default=DEFAULT_MERGE_INTO, choices=MERGE_INTO,
                         help="base of frozen layers: the one the adapters trained on, or the original fp weights")
     parser.add_argument("--backend", default="qft", choices=BACKENDS)
@@ -248,6 +251,9 @@ def _check_layerwise(args) -> None:
     for flag, bad, why in refused:
         if bad:
             raise ValueError(f"qft export --layerwise cannot take {flag}: {why}. Drop --layerwise, or {flag}.")
+    if args.method in ("awq", "awq_gptq"):
+        raise ValueError(f"qft export --layerwise cannot take --method {args.method}: AWQ's scale search runs on the "
+                         "whole model in memory. Drop --layerwise.")
     if args.calibration is None and args.method == "gptq":
         raise ValueError("qft export --layerwise: --calibration is required for --method gptq.")
 

@@ -134,6 +134,12 @@ def check_trained(trained, cfg: GPTQConfig, qat_grid: str = "keep", backend: str
                          "writes was never on a trained grid. Train with QATCallback(lora_merged=True) (the default), "
                          "or export with qat_grid='resolve' (merge, then solve a new grid).")
     grids = layers.grids(model) if qat_grid != "resolve" else {}
+    if grids and cfg.awq:
+        raise ValueError(f"export: method={cfg.method!r} rescales every weight before rounding, so it cannot write the "
+                         f"grid QAT learned ({len(grids)} layers, e.g. {next(iter(grids))}). Use method='gptq' or "
+                         "'rtn' to keep or refine it, or qat_grid='resolve' to run AWQ on the merged weights.")
+    if cfg.awq and backend != "qft":
+        raise ValueError(f"export: method={cfg.method!r} runs in qft's engine; use backend='qft'.")
     if grids and backend != "qft":
         raise ValueError(f"export: backend={backend!r} solves its own grid and cannot write the one QAT learned; use "
                          "backend='qft', or qat_grid='resolve'.")

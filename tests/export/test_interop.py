@@ -88,3 +88,27 @@ def test_qat_learned_grid_loads_in_transformers_gptqmodel(tmp_path, tokenizer):
         a, b = hf(x).logits.float(), model(input_ids=x).logits.float()
     assert (a - b).abs().max() <= 0.02 * b.abs().max() + 0.02
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+
+
+def test_transformers_loads_qft_awq_through_gptqmodel(tmp_path, calib_tokens, tokenizer):
+    """``method="awq"`` writes an AWQ GEMM checkpoint (``quant_method "awq"``, zero points): transformers runs
+    it with gptqmodel's AWQ kernels, and its logits are qft's own reading of the file."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from transformers import AutoModelForCausalLM
+
+    from qft.export import GPTQConfig, load_quantized, quantize_model, save_quantized
+    from qft.models import load_model
+
+    model = load_model("tiny-llama", dtype=torch.float32).eval()
+    cfg = GPTQConfig(bits=4, group_size=64, sym=False, method="awq")
+    q, _ = quantize_model(model, cfg, calib_tokens, batch_size=8, progress=False)
+    save_quantized(model, q, cfg, tmp_path / "awq", tokenizer=tokenizer, dtype=torch.float16)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "awq"), device_map="cpu", dtype=torch.float16)
+    layer = hf.model.layers[0].self_attn.q_proj
+    assert "gptqmodel" in type(layer).__module__ and "Awq" in type(layer).__name__
+    ours = load_quantized(tmp_path / "awq", dtype=torch.float32)
+    x = calib_tokens[:2, :32]
+    with torch.no_grad():
+        a, b = hf(x).logits.float(), ours(x).logits.float()
+    assert float((a - b).norm() / b.norm()) < 5e-3  # fp16 kernels against fp32 (measured 1e-3)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
