@@ -35,7 +35,7 @@ from torch import nn
 
 from .blocks import block_linears, discover_groups, find_decoder_blocks, run_block
 from .config import GPTQConfig
-from .gptq import QuantizedWeight, rtn_solve
+from .gptq import HessianAccumulator, QuantizedWeight, rtn_solve
 
 N_GRID = 20  # AutoAWQ's grid of the exponent and of the clipping shrink
 MAX_SHRINK = 0.5
@@ -107,23 +107,30 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, n_grid: int =
 
 
 class _Stats:
-    """``H = sum x^T x`` and ``sum |x|`` of one input, over every token of the calibration set (fp32)."""
+    """One input's Hessian (``qft.export.gptq.HessianAccumulator``: bf16 products for bf16 activations, as
+    GPTQ's) and ``mean |x|`` per channel, over every calibration token."""
 
-    def __init__(self, n: int, device):
-        self.H = torch.zeros(n, n, device=device)
+    def __init__(self, n: int, device, low_precision: bool):
+        self.acc = HessianAccumulator(n, device, low_precision)
         self.abs = torch.zeros(n, device=device)
-        self.n = 0
+        self.fold = torch.ones(n, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.H.addmm_(x.t(), x)
-        self.abs += x.abs().sum(0)
-        self.n += x.shape[0]
+        self.acc.add(x)
+        self.abs += x.reshape(-1, x.shape[-1]).float().abs().sum(0)
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The Hessian of the (folded) input ``x / s``."""
+        return self.acc.hessian() / (self.fold[:, None] * self.fold[None, :])
+
+    @property
+    def x_mean(self) -> torch.Tensor:
+        return self.abs / self.acc.n_tokens / self.fold
 
     def scale_inputs(self, s: torch.Tensor) -> None:
-        """The statistics of ``x / s`` (after a fold)."""
-        self.H /= s[:, None] * s[None, :]
-        self.abs /= s
+        """The input is now ``x / s`` (after a fold)."""
+        self.fold = self.fold * s
 
 
 @torch.no_grad()
@@ -156,7 +163,8 @@ def awq_prepass(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor, device=
         if groups is None:
             groups = discover_groups(block, *cache[0])
         head_of = {n: g[0] for g in groups for n in g}
-        stats = {g[0]: _Stats(lins[g[0]].in_features, device) for g in groups}
+        low = cfg.hessian_dtype == "bfloat16" or cfg.hessian_dtype == "auto" and cache[0][0].dtype == torch.bfloat16
+        stats = {g[0]: _Stats(lins[g[0]].in_features, device, low) for g in groups}
         handles = [lins[h].register_forward_pre_hook(lambda m, a, st=st: st.add(a[0])) for h, st in stats.items()]
         nxt = offload.inputs()  # the fp block's outputs: the folds below leave them unchanged
         try:
@@ -172,7 +180,7 @@ def awq_prepass(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor, device=
             local = [n[len(mine):] for n in names]
             st = stats[head_of[local[0]]]
             W = torch.cat([lins[n].weight.detach().float() for n in local], 0)
-            s, a, ratio = search_scale(W, st.H / st.n, st.abs / st.n, cfg)
+            s, a, ratio = search_scale(W, st.H, st.x_mean, cfg)
             fold(modules[producer], [lins[n] for n in local], s)
             st.scale_inputs(s)
             rows.append(dict(block=i, producer=producer, layers=",".join(local), alpha=a, error_ratio=ratio,
@@ -182,7 +190,7 @@ def awq_prepass(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor, device=
                 st = stats[head_of[n]]
                 W = lin.weight.detach().float()
                 if not n.endswith(NO_CLIP):
-                    W = search_clip(W, st.H / st.n, cfg)
+                    W = search_clip(W, st.H, cfg)
                 grids[f"{mine}{n}"] = rtn_solve(W, cfg).cpu()
         block.to(home)
         if rows and rows[-1]["block"] == i:
