@@ -221,6 +221,10 @@ class CausalLMModule(pl.LightningModule):
             # eager attention does the same in plain matmuls (measured: 2.4 s per step).
             self.model.set_attn_implementation(hp.attention)
         self.tokenizer = models.load_tokenizer(hp.model)
+        from qft import sparsity
+
+        if sparsity.is_sparse(self.model):  # a pruned checkpoint: its zeros stay zeros (qft.sparsity)
+            sparsity.protect_zeros(self.model)
         hooks.run_hooks(self, "base")
         # planned ranks are part of the module's configuration: checkpoints rebuild the same adapters
         self.hparams["rank_pattern"], self.hparams["alpha_pattern"] = dict(self.rank_pattern), dict(self.alpha_pattern)

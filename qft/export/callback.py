@@ -86,7 +86,9 @@ class GPTQExportCallback(ExportCallback):
             that contradict the trained grid are refused at set-up (unless ``qat_grid="resolve"``).
         desc_act, static_groups, act_group_aware, true_sequential, damp_percent, hessian_dtype, mse, method:
             the solver, see :class:`qft.export.GPTQConfig` (defaults are its defaults; ``method="rtn"`` for
-            round-to-nearest).
+            round-to-nearest, ``"awq"`` for an AWQ checkpoint, ``"none"`` to prune without rounding).
+        sparsity, sparsity_pattern, prune_method: pruning in the same export (``qft.export.prune``):
+            e.g. ``sparsity=0.5`` with SparseGPT choosing the zeros inside the GPTQ solve.
         qat_grid: for layers QAT trained: ``"keep"`` writes the learned grid as is (bit-exact to the
             fake-quant model, no solve), ``"refine"`` keeps its scales and GPTQ re-solves the codes
             (toward the base on general text, see ``general_target``), ``"resolve"`` solves a new grid
@@ -142,12 +144,14 @@ class GPTQExportCallback(ExportCallback):
                  n_samples: int = DEFAULT_N_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
                  merge_into: str = DEFAULT_MERGE_INTO, backend: str = "qft", device=None, dtype: str = "auto",
                  overwrite: bool = False, measure_drift: bool = True, progress: bool = True, save_dtype: str = "auto",
-                 reuse_outputs: bool = True, calibration_offload: str = "none"):
+                 reuse_outputs: bool = True, calibration_offload: str = "none", sparsity: float = _D.sparsity,
+                 sparsity_pattern: str = _D.sparsity_pattern, prune_method: str = _D.prune_method):
         super().__init__(output_dir, overwrite)
         self.grid = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym).items() if v is not None}
         self.solver = dict(desc_act=desc_act, static_groups=static_groups, act_group_aware=act_group_aware,
                            true_sequential=true_sequential, damp_percent=damp_percent, hessian_dtype=hessian_dtype,
-                           mse=mse, method=method)
+                           mse=mse, method=method, sparsity=sparsity, sparsity_pattern=sparsity_pattern,
+                           prune_method=prune_method)
         self.config = GPTQConfig(**self.grid, **self.solver)  # validates now; set-up may adopt QAT's grid
         self.merge_into = check_merge_into(merge_into, "GPTQExportCallback")
         for arg, value in (("dtype", dtype), ("save_dtype", save_dtype)):

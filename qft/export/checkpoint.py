@@ -23,6 +23,8 @@ import torch
 from qft.quant import QuantizedWeight, pack_gptq
 from qft.quant.pack import pack_awq
 
+from .prune import PrunedWeight
+
 from .config import GPTQConfig
 
 
@@ -115,6 +117,18 @@ def quantization_config(cfg: GPTQConfig) -> dict:
     }
 
 
+def sparsity_config(cfg: GPTQConfig, quantized: dict) -> dict:
+    """What the pruning did, for ``config.json``: the method, pattern and target, and the fraction of the
+    pruned layers' weights that are zero in the file (rounded codes at the zero point included)."""
+    zeros = total = 0
+    for qw in quantized.values():
+        w = qw.dequantize()
+        zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+    return {"format": "dense", "sparsity_structure": cfg.sparsity_pattern, "method": cfg.prune_method,
+            "target_sparsity": cfg.sparsity, "measured_sparsity": zeros / max(total, 1),
+            "ignore": ["lm_head"], "quantizer": f"qft:{qft_version()}"}
+
+
 def default_save_dtype(model) -> torch.dtype:
     dt = next(model.parameters()).dtype
     return torch.float16 if dt == torch.float32 else dt
@@ -154,6 +168,8 @@ def quantized_state_dict(model, quantized: dict[str, QuantizedWeight], dtype: to
     modules = dict(model.named_modules())
     sd, skip = {}, set()
     for name, qw in quantized.items():
+        if isinstance(qw, PrunedWeight):  # pruned, not rounded: the model's own (zeroed) weight is written
+            continue
         bias = getattr(modules[name], "bias", None)
         sd.update(packed_layer(name, qw, bias, dtype, fmt))
         skip |= {f"{name}.weight", f"{name}.bias"}
@@ -189,9 +205,10 @@ class CheckpointWriter:
         save_file(tensors, str(self.tmp / name), metadata={"format": "pt"})
         self.weight_map.update({k: name for k in tensors})
 
-    def finish(self, model, qconfig: dict, dtype: torch.dtype, tokenizer=None, report_rows=None,
-               extra_files: dict | None = None) -> Path:
-        """``qconfig``: the ``quantization_config`` of ``config.json`` (GPTQ's: ``quantization_config(cfg)``)."""
+    def finish(self, model, qconfig: dict | None, dtype: torch.dtype, tokenizer=None, report_rows=None,
+               extra_files: dict | None = None, extra_config: dict | None = None) -> Path:
+        """``qconfig``: the ``quantization_config`` of ``config.json`` (GPTQ's: ``quantization_config(cfg)``;
+        None for floating-point weights); ``extra_config``: more ``config.json`` keys (``sparsity_config``)."""
         tmp = self.tmp
         if self.n_shards > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
@@ -200,9 +217,12 @@ class CheckpointWriter:
         config["architectures"] = config.get("architectures") or [type(model).__name__]
         config["dtype"] = str(dtype).replace("torch.", "")
         config.pop("torch_dtype", None)
-        config["quantization_config"] = qconfig
+        config.pop("quantization_config", None)
+        if qconfig is not None:
+            config["quantization_config"] = qconfig
+        config.update(extra_config or {})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-        if qconfig.get("quant_method") == "gptq":  # AutoGPTQ's and GPTQModel's own copy
+        if qconfig is not None and qconfig.get("quant_method") == "gptq":  # AutoGPTQ's and GPTQModel's own copy
             (tmp / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -229,9 +249,11 @@ def save_quantized(model, quantized: dict[str, QuantizedWeight], cfg: GPTQConfig
     """Write the checkpoint atomically (one shard); returns the final directory."""
     writer = CheckpointWriter(output_dir, overwrite)
     dtype = dtype or default_save_dtype(model)
+    qconfig = None if cfg.checkpoint_format == "dense" else quantization_config(cfg)
+    extra = {"sparsity_config": sparsity_config(cfg, quantized)} if cfg.pruning else None
     try:
         writer.add(quantized_state_dict(model, quantized, dtype, cfg.checkpoint_format))
-        return writer.finish(model, quantization_config(cfg), dtype, tokenizer, report_rows, extra_files)
+        return writer.finish(model, qconfig, dtype, tokenizer, report_rows, extra_files, extra)
     except BaseException:
         writer.abort()
         raise

@@ -24,6 +24,7 @@ from .checkpoint import check_output_dir
 from .config import HESSIAN_DTYPES, METHODS, SUPPORTED_BITS, GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, MERGE_INTO, check_merge_into
 from .offload import OFFLOADS, check_offload
+from .prune import PATTERNS, PRUNE_METHODS
 
 FORMATS = ("gptq", "w8a8")
 ACTIVATIONS = ("dynamic", "static")
@@ -73,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="gptq; rtn (round-to-nearest); awq (AWQ scales and clipping, written as an AWQ GEMM "
                              "checkpoint, 4-bit); awq_gptq (AWQ scales, then GPTQ, written as GPTQ). --format w8a8 "
                              "takes gptq or rtn")
+    parser.add_argument("--sparsity", type=float, default=0.0,
+                        help="fraction of each decoder linear's weights set to zero (0.5 for 2:4); with --method none "
+                             "the pruned weights stay floating point")
+    parser.add_argument("--sparsity-pattern", default="unstructured", choices=PATTERNS)
+    parser.add_argument("--prune-method", default="sparsegpt", choices=PRUNE_METHODS,
+                        help="magnitude (no data), wanda (|W| * ||x||), sparsegpt (chosen and compensated inside the "
+                             "solve, with GPTQ in the same pass)")
     parser.add_argument("--merge-into", default=DEFAULT_MERGE_INTO, choices=MERGE_INTO,
                         help="base of frozen layers: the one the adapters trained on, or the original fp weights")
     parser.add_argument("--backend", default="qft", choices=BACKENDS)
@@ -153,7 +161,8 @@ def run(args) -> dict:
                              f"--format w8a8 or drop {flag}.")
     solver = dict(desc_act=args.desc_act, act_group_aware=args.act_group_aware,
                   true_sequential=not args.no_true_sequential, damp_percent=args.damp_percent,
-                  hessian_dtype=args.hessian_dtype, mse=args.mse, method=args.method)
+                  hessian_dtype=args.hessian_dtype, mse=args.mse, method=args.method, sparsity=args.sparsity,
+                  sparsity_pattern=args.sparsity_pattern, prune_method=args.prune_method)
     grid = dict(bits=args.bits, group_size=args.group_size, sym=None if args.asym is None else not args.asym)
     GPTQConfig(**{k: v for k, v in grid.items() if v is not None}, **solver)  # fail on bad values before loading
     general_rows = round(args.n_samples * args.general_fraction) if args.general_calibration else 0
@@ -208,7 +217,7 @@ def _run_w8a8(args) -> dict:
                ("--qat-grid refine", args.qat_grid == "refine"),
                ("--general-target", args.general_target is not None),
                ("--general-calibration", args.general_calibration is not None), ("--desc-act", args.desc_act),
-               ("--calibration-offload", args.calibration_offload != "none")]
+               ("--calibration-offload", args.calibration_offload != "none"), ("--sparsity", args.sparsity > 0)]
     for flag, bad in refused:
         if bad:
             raise ValueError(f"qft export --format w8a8 cannot take {flag}: W8A8 is int8 symmetric per output "
@@ -251,6 +260,9 @@ def _check_layerwise(args) -> None:
     for flag, bad, why in refused:
         if bad:
             raise ValueError(f"qft export --layerwise cannot take {flag}: {why}. Drop --layerwise, or {flag}.")
+    if args.sparsity > 0:
+        raise ValueError("qft export --layerwise cannot take --sparsity: pruning is not wired into the layer-wise "
+                         "writer yet. Drop --layerwise.")
     if args.method in ("awq", "awq_gptq"):
         raise ValueError(f"qft export --layerwise cannot take --method {args.method}: AWQ's scale search runs on the "
                          "whole model in memory. Drop --layerwise.")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .prune import PATTERNS, PRUNE_METHODS, pattern_nm
+
 SUPPORTED_BITS = (2, 3, 4, 8)
-METHODS = ("gptq", "rtn", "awq", "awq_gptq")
+METHODS = ("gptq", "rtn", "awq", "awq_gptq", "none")
 HESSIAN_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -55,7 +57,16 @@ class GPTQConfig:
     method: str = field(default="gptq", metadata={
         "help": f"One of {METHODS}: 'rtn' is round-to-nearest; 'awq' searches AWQ's per-channel scales and "
                 "clipping (qft.export.awq) and rounds, written as an AWQ (GEMM) checkpoint; 'awq_gptq' folds "
-                "AWQ's scales, then GPTQ solves, written as GPTQ."})
+                "AWQ's scales, then GPTQ solves, written as GPTQ; 'none' only prunes (sparsity > 0), the weights "
+                "stay floating point."})
+    sparsity: float = field(default=0.0, metadata={
+        "help": "Fraction of each decoder linear's weights set to zero before or while rounding "
+                "(qft.export.prune); 0 = no pruning. The 2:4 pattern is 0.5."})
+    sparsity_pattern: str = field(default="unstructured", metadata={
+        "help": f"One of {PATTERNS}: any weights, or 2 of every 4 consecutive inputs of a row."})
+    prune_method: str = field(default="sparsegpt", metadata={
+        "help": f"One of {PRUNE_METHODS}: smallest |W|; Wanda's |W| * ||x|| per row; SparseGPT's choice inside the "
+                "solve, with its error compensated (and rounding in the same pass unless method='none')."})
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
@@ -72,8 +83,15 @@ class GPTQConfig:
                              "0.0025 is usual.")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"GPTQConfig(block_size={self.block_size!r}) must be a positive integer; 128 is usual.")
+        self._check_pruning()
+        structured_solve = self.sparsity > 0 and self.sparsity_pattern != "unstructured" and \
+            self.prune_method == "sparsegpt"
         if self.act_group_aware is None:
-            self.act_group_aware = not self.desc_act
+            self.act_group_aware = not self.desc_act and not structured_solve
+        if structured_solve and (self.act_group_aware or self.desc_act):
+            raise ValueError(f"GPTQConfig(sparsity_pattern={self.sparsity_pattern!r}, prune_method='sparsegpt') chooses "
+                             "n of every m consecutive columns inside the solve, which must visit columns in their "
+                             "natural order: leave desc_act and act_group_aware unset (or False).")
         if self.act_group_aware and self.desc_act:
             raise ValueError("GPTQConfig(desc_act=True, act_group_aware=True): pick one column order; "
                              "act_group_aware keeps g_idx natural, desc_act reorders it (leave act_group_aware "
@@ -109,6 +127,35 @@ class GPTQConfig:
         return cls(bits=scheme.bits, group_size=scheme.group_size if granularity == "per_group" else -1,
                    sym=scheme.symmetric, **overrides)
 
+    def _check_pruning(self) -> None:
+        sp = self.sparsity
+        if isinstance(sp, bool) or not isinstance(sp, (int, float)) or not 0 <= sp < 1:
+            raise ValueError(f"GPTQConfig(sparsity={sp!r}): a fraction in [0, 1), e.g. 0.5 (0 = no pruning).")
+        if self.sparsity_pattern not in PATTERNS:
+            raise ValueError(f"GPTQConfig(sparsity_pattern={self.sparsity_pattern!r}) is unknown; allowed: "
+                             f"{list(PATTERNS)}.")
+        if self.prune_method not in PRUNE_METHODS:
+            raise ValueError(f"GPTQConfig(prune_method={self.prune_method!r}) is unknown; allowed: "
+                             f"{list(PRUNE_METHODS)}.")
+        nm = pattern_nm(self.sparsity_pattern)
+        if nm is not None and sp != nm[0] / nm[1]:
+            raise ValueError(f"GPTQConfig(sparsity={sp}, sparsity_pattern={self.sparsity_pattern!r}): the pattern "
+                             f"zeroes {nm[0]} of every {nm[1]} weights, so sparsity must be {nm[0] / nm[1]}.")
+        if self.method == "none" and sp == 0:
+            raise ValueError("GPTQConfig(method='none'): 'none' only prunes; set sparsity > 0, or pick a rounding "
+                             "method (gptq, rtn, awq).")
+        if sp > 0 and self.awq:
+            raise ValueError(f"GPTQConfig(method={self.method!r}, sparsity={sp}): AWQ and pruning are not combined; "
+                             "prune with method='gptq' (SparseGPT + GPTQ in one pass), 'rtn' or 'none'.")
+        if sp > 0 and self.method == "rtn" and self.prune_method != "magnitude":
+            raise ValueError(f"GPTQConfig(method='rtn', prune_method={self.prune_method!r}): RTN reads no calibration "
+                             "data, so only magnitude pruning goes with it; use method='gptq' or 'none' for "
+                             f"{self.prune_method}.")
+
+    @property
+    def pruning(self) -> bool:
+        return self.sparsity > 0
+
     @property
     def awq(self) -> bool:
         """Whether AWQ's scales are searched and folded first (``qft.export.awq``)."""
@@ -116,8 +163,9 @@ class GPTQConfig:
 
     @property
     def checkpoint_format(self) -> str:
-        """``"awq"`` (transformers' AWQ GEMM layout) for ``method="awq"``, else ``"gptq"``."""
-        return "awq" if self.method == "awq" else "gptq"
+        """``"awq"`` (transformers' AWQ GEMM layout) for ``method="awq"``, ``"dense"`` (floating-point weights
+        with their zeros) for ``"none"``, else ``"gptq"``."""
+        return {"awq": "awq", "none": "dense"}.get(self.method, "gptq")
 
     def group_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size

@@ -20,6 +20,7 @@ from qft.quant.grid import dequantize, fp16_scale, quantize, scale_zero_from_ran
 from qft.quant.qweight import QuantizedWeight
 
 from .config import GPTQConfig
+from .prune import PrunedWeight, block_mask, pattern_nm
 
 
 class HessianAccumulator:
@@ -98,16 +99,19 @@ def params_for_groups(W: torch.Tensor, cfg: GPTQConfig):
     return torch.stack(scales, 1), torch.stack(zeros, 1)
 
 
-def rtn_solve(W: torch.Tensor, cfg: GPTQConfig) -> QuantizedWeight:
-    """Round-to-nearest on the same grid (a baseline, and what GPTQ reduces to with ``H = I``)."""
+def rtn_solve(W: torch.Tensor, cfg: GPTQConfig, mask: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest on the same grid (a baseline, and what GPTQ reduces to with ``H = I``); weights
+    under ``mask`` (True = pruned) get their group's zero point, which dequantizes to exactly 0."""
     W = W.detach().float()
     in_f = W.shape[1]
     gs = cfg.group_for(in_f)
     scale, zero = params_for_groups(W, cfg)
     g_idx = torch.arange(in_f, device=W.device, dtype=torch.int32) // gs
     g = g_idx.long()
-    codes = quantize(W, scale[:, g], zero[:, g], 2**cfg.bits - 1).to(torch.int32)
-    return QuantizedWeight(codes, scale, zero, g_idx, cfg.bits, cfg.group_size)
+    codes = quantize(W, scale[:, g], zero[:, g], 2**cfg.bits - 1)
+    if mask is not None:
+        codes = torch.where(mask.to(W.device), zero[:, g], codes)
+    return QuantizedWeight(codes.to(torch.int32), scale, zero, g_idx, cfg.bits, cfg.group_size)
 
 
 def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, increment: float):
@@ -159,11 +163,16 @@ def column_order(diag: torch.Tensor, natural_group: torch.Tensor, cfg: GPTQConfi
 
 @torch.no_grad()
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: bool = True,
-               grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
+               grid: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None):
     """Quantize ``W [out, in]`` against Hessian ``H [in, in]`` (both left untouched).
 
     ``grid`` (``scale, zero``, each ``[out, n_groups]`` in natural group order) fixes the grid instead of
     fitting it: only the codes are solved. That is the GPTQ refinement of a grid QAT learned.
+
+    Pruning (``cfg.sparsity``, ``qft.export.prune``): weights under ``mask`` [out, in] (True = pruned;
+    magnitude or Wanda's choice) become zero, or SparseGPT chooses them block by block here; their
+    error is compensated like a rounding error. ``cfg.method == "none"`` prunes without rounding and
+    returns a ``PrunedWeight``.
 
     The solve runs on ``W``'s transpose, so the column being quantized and the trailing columns it
     updates are contiguous rows; per column that is one fused rank-1 update of the rest of the block
@@ -197,8 +206,13 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: 
         zero_g = torch.zeros_like(scale_g)
     perm = column_order(torch.diag(H), natural_group, cfg)
     natural = perm if perm is not None else torch.arange(in_f, device=W.device)
+    rounding = cfg.method != "none"
+    choose = cfg.sparsity > 0 and cfg.prune_method == "sparsegpt" and mask is None
+    nm = pattern_nm(cfg.sparsity_pattern) if choose else None
+    Mt = None if mask is None else mask.to(W.device).t().contiguous()  # [in, out], True = pruned
     if perm is not None:
         Wt, H = Wt[perm], H[perm][:, perm]
+        Mt = None if Mt is None else Mt[perm]
     U, damp = damped_inverse_cholesky(H, cfg.damp_percent, cfg.damp_auto_increment)
 
     # the group whose grid each position uses: desc_act with dynamic groups numbers them in visiting
@@ -221,20 +235,35 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: 
         W1 = Wt[i1:i2]  # a view: its updates land in Wt, which dynamic grids read
         E1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
-        d = torch.diag(U1).tolist()
+        d_t = torch.diag(U1)
+        d = d_t.tolist()
+        M1 = None if Mt is None else Mt[i1:i2]
+        if choose and nm is None:  # SparseGPT: the block's mask, from the weights as the block begins
+            M1 = block_mask(W1, d_t, cfg.sparsity, cfg.sparsity_pattern)
+        elif choose:
+            M1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             col = i1 + i
-            if col in starts:
-                g = pg[col]
-                s, z = group_params(Wt[col:starts[col]].t(), cfg.bits, cfg.sym, cfg.mse, cfg.mse_grid,
-                                    cfg.mse_maxshrink)
-                scale_g[g], zero_g[g] = s, z
-            s, z = scale_g[pg[col]], zero_g[pg[col]]
+            if choose and nm is not None and i % nm[1] == 0:  # n of the next m columns, as they are now
+                M1[i:i + nm[1]] = block_mask(W1[i:i + nm[1]], d_t[i:i + nm[1]], cfg.sparsity, cfg.sparsity_pattern)
             w = W1[i]
-            q = torch.div(w, s).round_().add_(z).clamp_(0, maxq)
-            Qt[col] = q
             err = E1[i]
-            torch.sub(w, (q - z).mul_(s), out=err).div_(d[i])
+            if not rounding:
+                kept = w.masked_fill(M1[i], 0.0)
+                Qt[col] = kept
+                torch.sub(w, kept, out=err).div_(d[i])
+            else:
+                if col in starts:
+                    g = pg[col]
+                    s, z = group_params(Wt[col:starts[col]].t(), cfg.bits, cfg.sym, cfg.mse, cfg.mse_grid,
+                                        cfg.mse_maxshrink)
+                    scale_g[g], zero_g[g] = s, z
+                s, z = scale_g[pg[col]], zero_g[pg[col]]
+                q = torch.div(w, s).round_().add_(z).clamp_(0, maxq)
+                if M1 is not None:
+                    q = torch.where(M1[i], z, q)
+                Qt[col] = q
+                torch.sub(w, (q - z).mul_(s), out=err).div_(d[i])
             if i + 1 < i2 - i1:
                 W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
         loss += float(E1.square().sum())
@@ -242,6 +271,11 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: 
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
 
     inv = torch.argsort(natural)
+    if not rounding:
+        pw = PrunedWeight(Qt[inv].t().contiguous(), damp_percent=damp, loss=loss / 2)
+        if report_error:
+            pw.rel_error = relative_output_error(W, pw.weight, H0)
+        return pw
     qw = QuantizedWeight(Qt[inv].t().to(torch.int32).contiguous(), scale_g.t().contiguous(),
                          zero_g.t().contiguous(), pos_group[inv].to(torch.int32), cfg.bits, cfg.group_size,
                          damp_percent=damp, loss=loss / 2)

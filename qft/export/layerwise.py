@@ -97,6 +97,9 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
         raise ValueError(f"export_layerwise(save_dtype={save_dtype!r}) is unknown; allowed: {list(DTYPES)}.")
     if cfg.method == "gptq" and tokens is None:
         raise ValueError("export_layerwise: GPTQ needs calibration tokens (or method='rtn').")
+    if cfg.pruning:
+        raise ValueError(f"export_layerwise(sparsity={cfg.sparsity}): pruning is not wired into the layer-wise "
+                         "writer yet; use qft.export.export (or qft export without --layerwise).")
     if cfg.awq:
         raise ValueError(f"export_layerwise(method={cfg.method!r}): AWQ's scale search needs the whole model in "
                          "memory; use qft.export.export (or qft export without --layerwise).")

@@ -59,6 +59,10 @@ def load_quantized(path, device="cpu", dtype: torch.dtype | None = None):
     raw = json.loads((path / "config.json").read_text())
     qc = raw.get("quantization_config") or {}
     method = qc.get("quant_method")
+    if method is None and raw.get("sparsity_config"):  # pruned, not rounded: a plain checkpoint with zeros
+        from transformers import AutoModelForCausalLM as _Auto
+
+        return _Auto.from_pretrained(str(path), dtype=dtype or "auto").to(device).eval()
     if method not in ("gptq", "awq"):
         raise ValueError(f"load_quantized({str(path)!r}): quantization_config.quant_method is {method!r}, expected "
                          "'gptq' or 'awq'.")

@@ -91,6 +91,9 @@ def merge_adapters(trained: nn.Module, base: nn.Module | str | None = None, merg
             base = load_model(base, dtype=torch.float32)
         original = {n: m for n, m in base.named_modules()}
     masks = _masks_by_hf_name(masks)
+    from qft.sparsity import is_sparse
+
+    keep_zeros = is_sparse(hf)  # a pruned base keeps its zeros (qft.sparsity)
     sd = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
           for k, v in _non_layer_state(hf, found).items()}
     for name, m in found.items():
@@ -106,7 +109,7 @@ def merge_adapters(trained: nn.Module, base: nn.Module | str | None = None, merg
         if d is not None:
             if d.shape != w.shape:
                 raise KeyError(f"merge: adapter of {name} has shape {tuple(d.shape)}, the base weight {tuple(w.shape)}.")
-            w = w + d.cpu()
+            w = w + (d.cpu() * (w != 0) if keep_zeros else d.cpu())
         sd[f"{name}.weight"] = w
         b = layers.bias(m)
         if b is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from qft import layers
+from qft.sparsity import is_sparse
 
 from .blocks import check_model, find_decoder_blocks
 from .calibration import CalibrationError
@@ -138,8 +139,12 @@ def check_trained(trained, cfg: GPTQConfig, qat_grid: str = "keep", backend: str
         raise ValueError(f"export: method={cfg.method!r} rescales every weight before rounding, so it cannot write the "
                          f"grid QAT learned ({len(grids)} layers, e.g. {next(iter(grids))}). Use method='gptq' or "
                          "'rtn' to keep or refine it, or qat_grid='resolve' to run AWQ on the merged weights.")
-    if cfg.awq and backend != "qft":
-        raise ValueError(f"export: method={cfg.method!r} runs in qft's engine; use backend='qft'.")
+    if grids and cfg.pruning:
+        raise ValueError(f"export: sparsity={cfg.sparsity} prunes weights, so it cannot write the grid QAT learned "
+                         f"({len(grids)} layers); set qat_grid='resolve' to prune and solve the merged weights.")
+    if (cfg.awq or cfg.pruning) and backend != "qft":
+        raise ValueError(f"export: method={cfg.method!r}, sparsity={cfg.sparsity} run in qft's engine; use "
+                         "backend='qft'.")
     if grids and backend != "qft":
         raise ValueError(f"export: backend={backend!r} solves its own grid and cannot write the one QAT learned; use "
                          "backend='qft', or qat_grid='resolve'.")
@@ -153,7 +158,7 @@ def check_trained(trained, cfg: GPTQConfig, qat_grid: str = "keep", backend: str
 
 def needs_calibration(trained, cfg: GPTQConfig, qat_grid: str = "keep") -> bool:
     """Whether the export solves anything (and so needs calibration tokens)."""
-    if cfg.method == "rtn":
+    if cfg.method == "rtn" or cfg.method == "none" and cfg.prune_method == "magnitude":
         return False
     if qat_grid == "refine":
         return True
@@ -225,7 +230,7 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
         quantized, rows = quantize_model(model, cfg, tokens, device=device, progress=progress, fixed=fixed,
                                          reuse_outputs=reuse_outputs, calibration_offload=calibration_offload,
                                          refine=qat_grid == "refine", anchor=anchor,
-                                         anchor_rows=general_rows if anchor else 0)
+                                         anchor_rows=general_rows if anchor else 0, keep_zeros=is_sparse(trained))
         del anchor
         summary["quantize_s"] = time.perf_counter() - t1
         if measure:

@@ -34,6 +34,7 @@ from .blocks import (block_linears, check_model, child_endings, discover_groups,
                      replaying, run_block, slice_kwargs)
 from .config import GPTQConfig
 from .offload import Offload, check_offload
+from .prune import PrunedWeight, magnitude_mask, sparsity_of, wanda_mask
 from .gptq import (HessianAccumulator, QuantizedWeight, damped_inverse_cholesky, direct_output_error, gptq_solve,
                    params_for_groups, relative_output_error, rtn_solve)
 
@@ -96,7 +97,8 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                    batch_size: int = 16, progress: bool = True, reuse_outputs: bool = True,
                    fixed: dict[str, QuantizedWeight] | None = None, refine: bool = False,
                    anchor: dict[str, torch.Tensor] | None = None, anchor_rows: int = 0,
-                   load_block=None, release_block=None, calibration_offload: str = "none", offload_dir=None):
+                   load_block=None, release_block=None, calibration_offload: str = "none", offload_dir=None,
+                   keep_zeros: bool = False):
     """Quantize every linear layer in the decoder blocks of ``model`` (lm_head stays full precision).
 
     Returns ``(quantized, rows)``: ``{qualified layer name: QuantizedWeight}`` and per-layer report rows.
@@ -128,6 +130,9 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     ``calibration_offload`` (``"none"``, ``"cpu"``, ``"disk"``; ``qft.export.offload``) says where the cached
     calibration activations wait between uses: on the compute device, in host memory, or in temporary
     files (under ``offload_dir``, else the system's temporary directory). The results are the same.
+
+    ``keep_zeros``: the model was pruned before (``qft.sparsity``): each weight's exact zeros are a fixed
+    mask that rounding keeps (the zero point's code), unless ``cfg`` prunes anew.
     """
     from tqdm.auto import tqdm
 
@@ -158,6 +163,10 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                                                   "awq_max_scale": r["max_scale"]}
                   for r in awq_rows for n in r["layers"].split(",")}
 
+    if cfg.pruning and fixed:
+        raise ValueError(f"quantize_model(sparsity={cfg.sparsity}): pruning changes weights, so it cannot keep the "
+                         f"{len(fixed)} fixed grids given (QAT's); prune with qat_grid='resolve'.")
+
     def commit(i, names, lin_map, qw: QuantizedWeight, seconds, n_tokens, X=None, method=cfg.method):
         start = 0
         for n in names:
@@ -176,11 +185,14 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                              shared_with=",".join(x for x in names if x != n), method=method, bits=cfg.bits,
                              group_size=cfg.group_size, damp_percent=qw.damp_percent, n_tokens=n_tokens,
                              gptq_loss=qw.loss, rel_output_error=part.rel_error, seconds=round(seconds, 4),
-                             **awq_of.get(full, {})))
+                             **awq_of.get(full, {}),
+                             **({"prune_method": cfg.prune_method, "sparsity": sparsity_of(deq)} if cfg.pruning
+                                else {})))
             bar.update(1)
 
     every_fixed = all(f"{prefix}.{i}.{n}" in fixed for i, b in enumerate(blocks) for n in block_linears(b))
-    if cfg.method == "rtn" or (every_fixed and not refine):  # no calibration forward needed
+    no_data = cfg.method == "rtn" or cfg.method == "none" and cfg.prune_method == "magnitude"
+    if no_data or (every_fixed and not refine):  # no calibration forward needed
         for i, block in enumerate(blocks):
             if load_block is not None:
                 load_block(i, block)
@@ -188,7 +200,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             for n, lin in lins.items():
                 t0 = time.perf_counter()
                 given = fixed.get(f"{prefix}.{i}.{n}")
-                qw = given if given is not None else rtn_solve(lin.weight.to(device), cfg)
+                qw = given if given is not None else _data_free(lin.weight.to(device), cfg, keep_zeros)
                 commit(i, [n], lins, qw.cpu(), time.perf_counter() - t0, 0,
                        method=given_label if given else cfg.method)
             _release(release_block, quantized, prefix, i, block)
@@ -261,7 +273,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                             if keep_grid is None:  # fit the grid to the model's weight: a blend may carry outliers
                                 keep_grid = params_for_groups(W.float(), cfg)
                             W = blend(W, torch.cat([anchor[f"{prefix}.{i}.{n}"] for n in names], 0), cfg)
-                        qw = gptq_solve(W, H, cfg, report_error=False, grid=keep_grid)
+                        qw = _solve(W, H, cfg, keep_grid, keep_zeros)
                         method = "qat+gptq" if given else cfg.method
                     commit(i, names, lins, qw.cpu(), time.perf_counter() - t1 + fwd_s / len(stage),
                            accs[g[0]].n_tokens, torch.cat(samples[g[0]]), method=method)
@@ -296,6 +308,31 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
         memory.trim()  # this block's activations and Hessians, back to the OS (qft.memory)
     bar.close()
     return quantized, rows
+
+
+def _data_free(W: torch.Tensor, cfg: GPTQConfig, keep_zeros: bool = False):
+    """A layer's weight without calibration data: RTN, after magnitude pruning if asked."""
+    mask = magnitude_mask(W, cfg.sparsity, cfg.sparsity_pattern) if cfg.pruning else \
+        (W == 0 if keep_zeros else None)
+    if cfg.method == "none":
+        return PrunedWeight(W.detach().float().masked_fill(mask, 0.0))
+    return rtn_solve(W, cfg, mask=mask)
+
+
+def _solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, keep_grid=None, keep_zeros: bool = False):
+    """One group's solve from its Hessian: GPTQ (SparseGPT choosing its zeros inside when pruning), or
+    after a magnitude or Wanda mask; pruned without rounding (``method="none"``), Wanda and magnitude
+    leave the kept weights as they are (their papers' procedure), SparseGPT updates them."""
+    mask = None
+    if cfg.pruning and cfg.prune_method == "magnitude":
+        mask = magnitude_mask(W, cfg.sparsity, cfg.sparsity_pattern)
+    elif cfg.pruning and cfg.prune_method == "wanda":
+        mask = wanda_mask(W, torch.diag(H), cfg.sparsity, cfg.sparsity_pattern)
+    elif keep_zeros and not cfg.pruning:
+        mask = W == 0
+    if cfg.method == "none" and mask is not None:
+        return PrunedWeight(W.detach().float().masked_fill(mask, 0.0))
+    return gptq_solve(W, H, cfg, report_error=False, grid=keep_grid, mask=mask)
 
 
 def _release(release_block, quantized: dict, prefix: str, i: int, block) -> None:
