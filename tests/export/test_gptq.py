@@ -101,7 +101,7 @@ def test_scales_are_fp16_representable():
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(bits=5), "bits=5"), (dict(bits=1), "bits=1"), (dict(group_size=0), "group_size"),
-                                    (dict(damp_percent=1.5), "damp_percent"), (dict(method="awq"), "method"),
+                                    (dict(damp_percent=1.5), "damp_percent"), (dict(method="smoothquant"), "method"),
                                     (dict(desc_act=True, act_group_aware=True), "pick one column order"),
                                     (dict(hessian_dtype="fp16"), "hessian_dtype='fp16'")])
 def test_config_rejects_bad_values(kw, msg):
