@@ -1,10 +1,12 @@
-"""Post-fit export: merge adapters into the full-precision base, quantize with GPTQ (pure torch), and
-write a Hugging Face GPTQ checkpoint that ``load_quantized`` (pure torch) and transformers+gptqmodel read.
+"""Post-fit export: merge adapters into the full-precision base, quantize with GPTQ, RTN or AWQ (pure
+torch), optionally prune, and write a Hugging Face GPTQ or AWQ checkpoint that ``load_quantized`` (pure
+torch) and transformers+gptqmodel read.
 
-Pieces: ``config.GPTQConfig`` (knobs), ``gptq`` (the solve), ``calibration`` (tokens), ``sequential``
-(block-by-block driver), ``blocks`` (what a decoder block looks like), ``merge`` (adapters -> fp base),
-``checkpoint`` (atomic HF write), ``load``, ``report``, ``callback.GPTQExportCallback`` (Lightning) and
-``cli`` (``qft export``).
+Pieces: ``config.GPTQConfig`` (knobs), ``gptq`` (the solve), ``awq`` (AWQ's scale and clip search, a
+pre-pass of the driver), ``prune`` (magnitude/Wanda masks, SparseGPT's choice inside the solve),
+``calibration`` (tokens), ``sequential`` (block-by-block driver), ``blocks`` (what a decoder block looks
+like), ``merge`` (adapters -> fp base), ``checkpoint`` (atomic HF write), ``load``, ``report``,
+``callback.GPTQExportCallback`` (Lightning) and ``cli`` (``qft export``). W8A8 lives in ``qft.ptq``.
 """
 from .blocks import find_decoder_blocks
 from .calibration import CalibrationError, calibration_mix, calibration_tokens
