@@ -186,3 +186,65 @@ def test_full_combination_with_general_text_exports_the_anchored_road(tmp_path):
     base = _logits(load_model("tiny-llama", dtype=torch.float32), x)
     assert torch.isfinite(exported).all()
     assert (exported - base).square().mean() < (_logits(module.model, x) - base).square().mean()
+
+
+def _export(fmt, out, grid: dict):
+    """The callback that writes ``fmt``; ``grid`` is empty when QAT's grid is to be followed."""
+    from qft.export import GPTQExportCallback
+    from qft.ptq.callback import W8A8ExportCallback
+
+    kw = dict(save_dtype="float32", progress=False, n_samples=4, seq_len=32)
+    if fmt == "w8a8":
+        return W8A8ExportCallback(out, **kw)
+    extra = dict(method="awq") if fmt == "awq" else dict(sparsity=0.5)
+    return GPTQExportCallback(out, dtype="float32", **grid, **extra, **kw)
+
+
+EXPORTS = ("awq", "sparsegpt_int4", "w8a8")  # every export format / method besides the default GPTQ
+
+
+@pytest.mark.parametrize("qat", ["none", "int8", "int4"])
+@pytest.mark.parametrize("fmt", EXPORTS)
+def test_every_export_format_composes_with_nf4_prilora_qat_and_distillation(tmp_path, fmt, qat):
+    """NF4 + PRILoRA + self-distillation (+ merged QAT) + each other export in one ``Trainer.fit``: it
+    trains and writes a checkpoint that reads back, or a learned grid the format cannot hold is refused
+    at set-up, before any step."""
+    from qft.export import load_quantized
+    from qft.prilora import PRILoRACallback
+    from qft.qat import QATCallback
+    from qft.quant import QuantScheme
+
+    module = _module("nf4", distill=True)
+    grid = {} if qat != "none" else dict(group_size=64, **({"sym": False} if fmt == "awq" else {}))
+    export = _export(fmt, tmp_path / "out", grid)
+    cbs = [export, PRILoRACallback(r_start=2, r_end=6, final_sparsity=0.5, start_step=1, end_step=3, interval=1)]
+    if qat == "int8":
+        cbs.append(QATCallback(weight=QuantScheme(bits=8, granularity="per_channel"), start_step=1,
+                               activation=QuantScheme(bits=8, granularity="per_token", dynamic=True)))
+    elif qat == "int4":
+        cbs.append(QATCallback(weight=QuantScheme(bits=4, group_size=64), start_step=1))
+    trainer, data, counter, _ = _fit(tmp_path, module, cbs)
+    refused = {("awq", "int8"): "AWQ .*4-bit", ("awq", "int4"): "rescales every weight",
+               ("sparsegpt_int4", "int8"): "prunes weights", ("sparsegpt_int4", "int4"): "prunes weights",
+               ("w8a8", "int4"): "4-bit group-64"}.get((fmt, qat))
+    if refused:
+        with pytest.raises(ValueError, match=refused):
+            trainer.fit(module, datamodule=data)
+        assert counter.steps == 0 and not (tmp_path / "out").exists()
+        return
+    trainer.fit(module, datamodule=data)
+    assert counter.steps == STEPS
+    x = torch.randint(0, 5000, (2, 24), generator=torch.Generator().manual_seed(0))
+    trained = _logits(module.model, x)
+    if fmt == "w8a8":
+        from qft.ptq import load_w8a8
+
+        exported = _logits(load_w8a8(export.checkpoint_path, dtype=torch.float32), x)
+    else:
+        exported = _logits(load_quantized(export.checkpoint_path, dtype=torch.float32), x)
+    assert torch.isfinite(exported).all()
+    if qat == "int8":  # the learned int8 grid and per-token inputs are written as trained
+        assert torch.equal(exported, trained)
+    else:
+        cos = torch.nn.functional.cosine_similarity(exported.flatten(), trained.flatten(), dim=0)
+        assert cos > 0.5, float(cos)
