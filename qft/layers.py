@@ -359,24 +359,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def grids(model: nn.Module) -> dict[str, object]:
-    """``{HF layer name: QuantizedWeight}`` of every layer already tied to an integer grid."""
+def _by_layer(model: nn.Module, question) -> dict:
+    """``{HF layer name: answer}`` of ``question(layer)`` for every linear layer whose answer is not None."""
     out = {}
     for name, m in linear_layers(unwrap(model)).items():
-        g = grid(m)
-        if g is not None:
-            out[name] = g
+        answer = question(m)
+        if answer is not None:
+            out[name] = answer
     return out
+
+
+def grids(model: nn.Module) -> dict[str, object]:
+    """``{HF layer name: QuantizedWeight}`` of every layer already tied to an integer grid."""
+    return _by_layer(model, grid)
 
 
 def input_grids(model: nn.Module) -> dict[str, object]:
     """``{HF layer name: InputGrid}`` of every layer that quantizes its input (QAT ``activation=``, W8A8)."""
-    out = {}
-    for name, m in linear_layers(unwrap(model)).items():
-        g = input_grid(m)
-        if g is not None:
-            out[name] = g
-    return out
+    return _by_layer(model, input_grid)
 
 
 def learned_scheme(model: nn.Module):
