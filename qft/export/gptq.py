@@ -167,7 +167,10 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: 
     """Quantize ``W [out, in]`` against Hessian ``H [in, in]`` (both left untouched).
 
     ``grid`` (``scale, zero``, each ``[out, n_groups]`` in natural group order) fixes the grid instead of
-    fitting it: only the codes are solved. That is the GPTQ refinement of a grid QAT learned.
+    fitting it: only the codes are solved. That is the GPTQ refinement of a grid QAT learned. A
+    ``QuantizedWeight`` as ``grid`` brings its own width and group size (a GGUF block format's,
+    ``qft.quant.ggml``); a zero point off the integers (an offset grid, ``scale * q - offset``) rounds
+    ``w / scale + zero`` as a whole.
 
     Pruning (``cfg.sparsity``, ``qft.export.prune``): weights under ``mask`` [out, in] (True = pruned;
     magnitude or Wanda's choice) become zero, or SparseGPT chooses them block by block here; their
@@ -184,8 +187,10 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: 
     H0 = H.to(device=W.device, dtype=torch.float32)
     H = H0.clone()
     out_f, in_f = W.shape
-    maxq = 2**cfg.bits - 1
-    gs = cfg.group_for(in_f)
+    bits, gs, group_size = cfg.bits, cfg.group_for(in_f), cfg.group_size
+    if isinstance(grid, QuantizedWeight):
+        bits, gs, group_size, grid = grid.bits, grid.group_size, grid.group_size, (grid.scale, grid.zero)
+    maxq = 2**bits - 1
     Wt = W.t().contiguous()  # [in, out]: column j of W is row j here
 
     dead = torch.diag(H) == 0  # inputs that were always zero: any value works, 0 is exact
@@ -194,6 +199,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: 
 
     natural_group = torch.arange(in_f, device=W.device) // gs
     static = grid is not None or cfg.group_size == -1 or (cfg.desc_act and cfg.static_groups)
+    offset_grid = grid is not None and not bool((grid[1] == grid[1].round()).all())
     if grid is not None:  # given (learned) grid, as [G, out]
         if grid[0].shape != (out_f, n_groups(in_f, gs)):
             raise ValueError(f"gptq_solve(grid=...): scales of shape {tuple(grid[0].shape)} do not fit a weight "
@@ -259,7 +265,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: 
                                         cfg.mse_maxshrink)
                     scale_g[g], zero_g[g] = s, z
                 s, z = scale_g[pg[col]], zero_g[pg[col]]
-                q = torch.div(w, s).round_().add_(z).clamp_(0, maxq)
+                q = (torch.div(w, s).add_(z).round_() if offset_grid else torch.div(w, s).round_().add_(z)).clamp_(0, maxq)
                 if M1 is not None:
                     q = torch.where(M1[i], z, q)
                 Qt[col] = q
@@ -277,7 +283,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: 
             pw.rel_error = relative_output_error(W, pw.weight, H0)
         return pw
     qw = QuantizedWeight(Qt[inv].t().to(torch.int32).contiguous(), scale_g.t().contiguous(),
-                         zero_g.t().contiguous(), pos_group[inv].to(torch.int32), cfg.bits, cfg.group_size,
+                         zero_g.t().contiguous(), pos_group[inv].to(torch.int32), bits, group_size,
                          damp_percent=damp, loss=loss / 2)
     if report_error:
         qw.rel_error = relative_output_error(W, qw.dequantize(), H0)

@@ -98,7 +98,7 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                    fixed: dict[str, QuantizedWeight] | None = None, refine: bool = False,
                    anchor: dict[str, torch.Tensor] | None = None, anchor_rows: int = 0,
                    load_block=None, release_block=None, calibration_offload: str = "none", offload_dir=None,
-                   keep_zeros: bool = False):
+                   keep_zeros: bool = False, grid_for=None):
     """Quantize every linear layer in the decoder blocks of ``model`` (lm_head stays full precision).
 
     Returns ``(quantized, rows)``: ``{qualified layer name: QuantizedWeight}`` and per-layer report rows.
@@ -133,6 +133,12 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
 
     ``keep_zeros``: the model was pruned before (``qft.sparsity``): each weight's exact zeros are a fixed
     mask that rounding keeps (the zero point's code), unless ``cfg`` prunes anew.
+
+    ``grid_for(name, W, H)`` chooses each layer's grid from its weight and its inputs' Hessian (None on
+    the data-free road, ``cfg.method="rtn"``), as a ``QuantizedWeight`` with the grid's own rounding
+    (``qft.export.gguf``: a GGUF block format per layer). With ``refine`` GPTQ solves the codes inside
+    that grid toward the layer's weight, else the grid's codes are written. Layers that share an input
+    are then solved one by one (a q/k/v may mix formats) on the one Hessian.
     """
     from tqdm.auto import tqdm
 
@@ -163,6 +169,9 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                                                   "awq_max_scale": r["max_scale"]}
                   for r in awq_rows for n in r["layers"].split(",")}
 
+    if grid_for is not None and (fixed or cfg.awq or cfg.pruning or anchor):
+        raise ValueError("quantize_model(grid_for=...) chooses every layer's grid itself: it does not combine "
+                         "with fixed grids, AWQ, pruning or an anchor.")
     if cfg.pruning and fixed:
         raise ValueError(f"quantize_model(sparsity={cfg.sparsity}): pruning changes weights, so it cannot keep the "
                          f"{len(fixed)} fixed grids given (QAT's); prune with qat_grid='resolve'.")
@@ -182,8 +191,8 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                               relative_output_error(lin.weight, deq, torch.eye(lin.in_features, device=deq.device)))
             lin.weight.copy_(deq.to(lin.weight))
             rows.append(dict(layer=full, block=i, in_features=lin.in_features, out_features=lin.out_features,
-                             shared_with=",".join(x for x in names if x != n), method=method, bits=cfg.bits,
-                             group_size=cfg.group_size, damp_percent=qw.damp_percent, n_tokens=n_tokens,
+                             shared_with=",".join(x for x in names if x != n), method=method, bits=part.bits,
+                             group_size=part.group_size, damp_percent=qw.damp_percent, n_tokens=n_tokens,
                              gptq_loss=qw.loss, rel_output_error=part.rel_error, seconds=round(seconds, 4),
                              **awq_of.get(full, {}),
                              **({"prune_method": cfg.prune_method, "sparsity": sparsity_of(deq)} if cfg.pruning
@@ -200,7 +209,8 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
             for n, lin in lins.items():
                 t0 = time.perf_counter()
                 given = fixed.get(f"{prefix}.{i}.{n}")
-                qw = given if given is not None else _data_free(lin.weight.to(device), cfg, keep_zeros)
+                qw = given if given is not None else grid_for(f"{prefix}.{i}.{n}", lin.weight.to(device), None) \
+                    if grid_for is not None else _data_free(lin.weight.to(device), cfg, keep_zeros)
                 commit(i, [n], lins, qw.cpu(), time.perf_counter() - t0, 0,
                        method=given_label if given else cfg.method)
             _release(release_block, quantized, prefix, i, block)
@@ -259,6 +269,14 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                 blend = accs[g[0]].blend if split is not None else None
                 held = [n for n in g if f"{prefix}.{i}.{n}" in fixed]
                 free = [n for n in g if n not in held]
+                if grid_for is not None:  # one layer at a time, each in its own grid
+                    for n in free:
+                        W = lins[n].weight
+                        qw = grid_for(f"{prefix}.{i}.{n}", W, H)
+                        qw = _solve(W, H, cfg, qw, keep_zeros) if refine else qw
+                        commit(i, [n], lins, qw.cpu(), time.perf_counter() - t1 + fwd_s / len(stage),
+                               accs[g[0]].n_tokens, torch.cat(samples[g[0]]), method=cfg.method if refine else "grid")
+                    free = []
                 for names, given in ((held, True), (free, False)):
                     if not names:
                         continue
