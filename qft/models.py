@@ -103,6 +103,17 @@ def _cache_atomically(target: Path, write) -> Path:
     return target
 
 
+def source_gguf(name) -> Path | None:
+    """The GGUF file a built-in model was converted from, else None: a GGUF export copies its tokenizer
+    keys (pre-tokenizer, merges, chat template) as llama.cpp's converter wrote them."""
+    if name in ("smollm2-135m", "tiny-llama"):
+        try:
+            return _smollm2_gguf()
+        except (FileNotFoundError, ImportError):
+            return None
+    return None
+
+
 def check_name(name, label: str | None = None) -> None:
     """Refuse, before any work, a model argument that is no built-in, no local directory and no hub id.
 

@@ -194,13 +194,17 @@ def _export(fmt, out, grid: dict):
     from qft.ptq.callback import W8A8ExportCallback
 
     kw = dict(save_dtype="float32", progress=False, n_samples=4, seq_len=32)
+    if fmt == "gguf":
+        from qft.export.gguf.callback import GGUFExportCallback
+
+        return GGUFExportCallback(out.with_suffix(".gguf"), quant="Q4_K_M", progress=False, n_samples=4, seq_len=32)
     if fmt == "w8a8":
         return W8A8ExportCallback(out, **kw)
     extra = dict(method="awq") if fmt == "awq" else dict(sparsity=0.5)
     return GPTQExportCallback(out, dtype="float32", **grid, **extra, **kw)
 
 
-EXPORTS = ("awq", "sparsegpt_int4", "w8a8")  # every export format / method besides the default GPTQ
+EXPORTS = ("awq", "sparsegpt_int4", "w8a8", "gguf")  # every export format / method besides the default GPTQ
 
 
 @pytest.mark.parametrize("qat", ["none", "int8", "int4"])
@@ -226,11 +230,12 @@ def test_every_export_format_composes_with_nf4_prilora_qat_and_distillation(tmp_
     trainer, data, counter, _ = _fit(tmp_path, module, cbs)
     refused = {("awq", "int8"): "AWQ .*4-bit", ("awq", "int4"): "rescales every weight",
                ("sparsegpt_int4", "int8"): "prunes weights", ("sparsegpt_int4", "int4"): "prunes weights",
-               ("w8a8", "int4"): "4-bit group-64"}.get((fmt, qat))
+               ("w8a8", "int4"): "4-bit group-64", ("gguf", "int8"): "no GGUF block format",
+               ("gguf", "int4"): "no GGUF block format"}.get((fmt, qat))
     if refused:
         with pytest.raises(ValueError, match=refused):
             trainer.fit(module, datamodule=data)
-        assert counter.steps == 0 and not (tmp_path / "out").exists()
+        assert counter.steps == 0 and not export.output_dir.exists()
         return
     trainer.fit(module, datamodule=data)
     assert counter.steps == STEPS
@@ -240,6 +245,10 @@ def test_every_export_format_composes_with_nf4_prilora_qat_and_distillation(tmp_
         from qft.ptq import load_w8a8
 
         exported = _logits(load_w8a8(export.checkpoint_path, dtype=torch.float32), x)
+    elif fmt == "gguf":
+        from qft.export.gguf import load_gguf
+
+        exported = _logits(load_gguf(export.checkpoint_path), x)
     else:
         exported = _logits(load_quantized(export.checkpoint_path, dtype=torch.float32), x)
     assert torch.isfinite(exported).all()

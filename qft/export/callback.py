@@ -39,10 +39,14 @@ class ExportCallback(pl.Callback):
         super().__init__()
         self.output_dir = Path(output_dir)
         self.overwrite = overwrite
-        check_output_dir(self.output_dir, overwrite)
+        self._check_output()
         self.tokens: torch.Tensor | None = None
         self.summary: dict | None = None
         self.checkpoint_path: str | None = None
+
+    def _check_output(self) -> None:
+        """Refuse an existing result (a directory here; the GGUF callback writes one file)."""
+        check_output_dir(self.output_dir, self.overwrite)
 
     def setup(self, trainer, pl_module, stage):
         if stage != "fit":

@@ -26,7 +26,9 @@ from .merge import DEFAULT_MERGE_INTO, MERGE_INTO, check_merge_into
 from .offload import OFFLOADS, check_offload
 from .prune import PATTERNS, PRUNE_METHODS
 
-FORMATS = ("gptq", "w8a8")
+FORMATS = ("gptq", "w8a8", "gguf")
+GGUF_QUANTS = ("Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "F16", "F32")  # qft.export.gguf.QUANTS (lazy import)
+GGUF_METHODS = ("imatrix",)  # --format gguf's own, besides gptq and rtn
 ACTIVATIONS = ("dynamic", "static")
 from .pipeline import BACKENDS, DTYPES, GENERAL_TARGETS, QAT_GRIDS, check_backend, export, export_config, road, \
     needs_calibration
@@ -70,10 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--damp-percent", type=float, default=_D.damp_percent)
     parser.add_argument("--hessian-dtype", default=_D.hessian_dtype, choices=HESSIAN_DTYPES)
     parser.add_argument("--mse", action="store_true", help="grid-search the clipping range")
-    parser.add_argument("--method", default="gptq", choices=METHODS,
+    parser.add_argument("--method", default="gptq", choices=METHODS + GGUF_METHODS,
                         help="gptq; rtn (round-to-nearest); awq (AWQ scales and clipping, written as an AWQ GEMM "
                              "checkpoint, 4-bit); awq_gptq (AWQ scales, then GPTQ, written as GPTQ). --format w8a8 "
-                             "takes gptq or rtn")
+                             "takes gptq or rtn; --format gguf takes gptq, imatrix (importance-weighted block grids, "
+                             "no GPTQ) or rtn")
+    parser.add_argument("--quant", default=None, choices=GGUF_QUANTS,
+                        help="--format gguf: llama.cpp's mix (default Q4_K_M), with the per-tensor formats "
+                             "llama-quantize picks")
     parser.add_argument("--sparsity", type=float, default=0.0,
                         help="fraction of each decoder linear's weights set to zero (0.5 for 2:4); with --method none "
                              "the pruned weights stay floating point")
@@ -102,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "more time")
     parser.add_argument("--format", default="gptq", choices=FORMATS,
                         help="gptq: weight-only GPTQ checkpoint (transformers, vLLM); w8a8: int8 weights and "
-                             "activations as a compressed-tensors checkpoint (vLLM), see --activation")
+                             "activations as a compressed-tensors checkpoint (vLLM), see --activation; gguf: one "
+                             "llama.cpp file (--output F.gguf), see --quant")
     parser.add_argument("--activation", default=None, choices=ACTIVATIONS,
                         help="--format w8a8: int8 inputs quantized per token at run time (dynamic), or with one "
                              "calibrated scale per layer (static, needs --calibration unless QAT learned the "
@@ -155,6 +162,11 @@ def run(args) -> dict:
     """Validate everything, then merge, quantize and write; prints and returns the summary."""
     if args.format == "w8a8":
         return _run_w8a8(args)
+    if args.format == "gguf":
+        return _run_gguf(args)
+    if args.quant is not None or args.method in GGUF_METHODS:
+        flag = "--quant" if args.quant is not None else f"--method {args.method}"
+        raise ValueError(f"qft export {flag} applies to --format gguf; add --format gguf or drop {flag}.")
     for flag, value in (("--activation", args.activation is not None), ("--smoothquant", args.smoothquant)):
         if value:
             raise ValueError(f"qft export {flag} applies to --format w8a8 (GPTQ quantizes weights only); add "
@@ -247,6 +259,48 @@ def _run_w8a8(args) -> dict:
                           masks=masks, device=args.device, dtype=args.dtype, save_dtype=args.save_dtype,
                           overwrite=args.overwrite, qat_grid=qat_grid)
     print(json.dumps({k: summary[k] for k in ("output_dir", "seconds")}, indent=2))
+    return summary
+
+
+def _run_gguf(args) -> dict:
+    """``--format gguf``: merge, then one llama.cpp file in the mix ``--quant`` names."""
+    from .gguf import GGUFConfig, export_trained
+    from .gguf.writer import check_output_file
+
+    refused = [("--bits", args.bits is not None), ("--group-size", args.group_size is not None),
+               ("--asym", bool(args.asym)), ("--layerwise", args.layerwise), ("--backend", args.backend != "qft"),
+               ("--qat-grid " + str(args.qat_grid), args.qat_grid == "refine"),
+               ("--general-target", args.general_target is not None),
+               ("--general-calibration", args.general_calibration is not None), ("--desc-act", args.desc_act),
+               ("--calibration-offload", args.calibration_offload != "none"), ("--sparsity", args.sparsity > 0),
+               ("--activation", args.activation is not None), ("--smoothquant", args.smoothquant is not None),
+               ("--mse", args.mse)]
+    for flag, bad in refused:
+        if bad:
+            raise ValueError(f"qft export --format gguf cannot take {flag}: the GGUF mix (--quant) fixes each tensor's "
+                             f"block format, solved by qft in memory from task calibration only. Drop {flag}.")
+    if args.method not in ("gptq", "imatrix", "rtn"):
+        raise ValueError(f"qft export --format gguf --method {args.method}: allowed gptq, imatrix, rtn.")
+    cfg = GGUFConfig(quant=args.quant or "Q4_K_M", method=args.method, damp_percent=args.damp_percent)
+    check_merge_into(args.merge_into, "qft export")
+    check_output_file(args.output, args.overwrite)
+    if args.calibration is not None and not Path(args.calibration).is_file():
+        raise FileNotFoundError(f"--calibration {args.calibration}: no such file (a text file is expected).")
+    if cfg.needs_calibration and args.calibration is None:
+        raise CalibrationError(f"qft export --format gguf: --calibration is required for --method {cfg.method} "
+                               "(--method rtn reads none).")
+    if args.ckpt:
+        model, tok, base_name, masks = _from_ckpt(args.ckpt, args.model, args.merge_into, args.allow_unsafe_load)
+    else:
+        model, tok, base_name, masks = _from_adapter(args.adapter, args.model, args.merge_into)
+    tokens = None
+    if cfg.needs_calibration:
+        tokens = calibration_mix(args.calibration, None, tok, args.n_samples, args.seq_len, 0.0,
+                                 max_length=model_max_length(model))
+    summary = export_trained(model, tok, tokens, args.output, cfg, base_name=base_name, merge_into=args.merge_into,
+                             masks=masks, qat_grid=args.qat_grid or "keep", overwrite=args.overwrite,
+                             device=args.device)
+    print(json.dumps({k: summary[k] for k in ("output", "quant", "method", "bytes", "formats", "seconds")}, indent=2))
     return summary
 
 

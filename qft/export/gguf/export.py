@@ -27,16 +27,38 @@ from .writer import (check_architecture, check_output_file, copy_tokenizer, gguf
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
 
 
+def shapes(model) -> list[tuple[str, tuple[int, ...]]]:
+    """``[(Hugging Face parameter name, shape)]`` of the plain model ``model`` merges into, read from any
+    form of it (LoRA, NF4, QAT layers answer through ``qft.layers``)."""
+    from qft import layers
+
+    hf = layers.unwrap(model)
+    lin = layers.linear_layers(hf)
+    out, seen = [], set()
+    for n, p in hf.named_parameters():
+        owner = n.rsplit(".", 1)[0]
+        while owner and owner not in lin:
+            owner = owner.rsplit(".", 1)[0] if "." in owner else ""
+        if not owner:
+            out.append((n, tuple(p.shape)))
+        elif owner not in seen:
+            seen.add(owner)
+            out.append((owner + ".weight", (lin[owner].out_features, lin[owner].in_features)))
+    return out
+
+
 def plan(model, cfg: GGUFConfig) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """``[(hf name, gguf name)]`` in file order and ``{gguf name: format}``; refuses what llama.cpp
     could not read before any work."""
-    check_architecture(model)
-    n_blocks = model.config.num_hidden_layers
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    names = [(n, gguf_name(n, n_blocks)) for n, _ in model.named_parameters()
-             if not (tied and n.endswith("lm_head.weight"))]
-    shapes = dict(model.named_parameters())
-    types = tensor_types(cfg.quant, [(g, tuple(shapes[n].shape)) for n, g in names])
+    from qft import layers
+
+    hf = layers.unwrap(model)
+    check_architecture(hf)
+    n_blocks = hf.config.num_hidden_layers
+    tied = bool(getattr(hf.config, "tie_word_embeddings", False))
+    found = [(n, s) for n, s in shapes(model) if not (tied and n.endswith("lm_head.weight"))]
+    names = [(n, gguf_name(n, n_blocks)) for n, _ in found]
+    types = tensor_types(cfg.quant, [(g, s) for (_, g), (_, s) in zip(names, found)])
     odd = [g for g, t in types.items() if t == "F16" and cfg.quant not in FLOAT]
     if odd:
         raise ValueError(f"GGUF export(quant={cfg.quant!r}): {odd[:3]} have rows that no 32-weight block divides; "
@@ -44,26 +66,65 @@ def plan(model, cfg: GGUFConfig) -> tuple[list[tuple[str, str]], dict[str, str]]
     return names, types
 
 
+# QAT grids that are GGUF block formats: qft's symmetric grid, scale * (q - 2**(bits-1)) with one fp16
+# scale per 32 inputs, is Q4_0 at 4 bits and Q8_0 at 8 (qft.quant.grid; ggml's d * (q - 8), d * int8)
+KEEPABLE = {"Q4_0": (4, 32), "Q8_0": (8, 32)}
+
+
+def keeps_grid(scheme, quant: str) -> bool:
+    """Whether a QAT weight scheme is the block format the mix ``quant`` writes for every decoder linear."""
+    want = KEEPABLE.get(quant)
+    return want is not None and scheme.symmetric and scheme.granularity == "per_group" and \
+        (scheme.bits, scheme.group_size) == want
+
+
+def fixed_block_grid(qw, fmt: str) -> BlockGrid:
+    """A learned ``QuantizedWeight`` (Q4_0/Q8_0's shape, see ``KEEPABLE``) as the block grid it already is."""
+    f = FORMATS[fmt]
+    if (qw.bits, qw.group_size) != (f.bits, f.block) or not torch.equal(qw.zero, torch.full_like(qw.zero, f.zero)) \
+            or not torch.equal(qw.g_idx.long(), torch.arange(qw.codes.shape[1]) // f.block):
+        raise ValueError(f"GGUF export: a learned {qw.bits}-bit group-{qw.group_size} grid is not {fmt}'s; "
+                         "use qat_grid='resolve'.")
+    d = qw.scale.float()
+    if not torch.equal(d.half().float(), d):
+        raise ValueError(f"GGUF export: learned scales are not fp16 values, which {fmt} stores; use qat_grid='resolve'.")
+    return BlockGrid(f, d)
+
+
 def export_gguf(model, tokenizer, tokens: torch.Tensor | None, output, cfg: GGUFConfig | None = None,
-                source_gguf=None, overwrite: bool = False, device=None, progress: bool = True) -> dict:
+                source_gguf=None, overwrite: bool = False, device=None, progress: bool = True,
+                fixed: dict | None = None) -> dict:
     """Write ``model`` (a Llama-architecture causal LM, adapters merged) to ``output`` (``.gguf``).
 
     ``tokens`` are the calibration windows (``qft.export.calibration``), needed unless
     ``cfg.method == "rtn"`` or the quant is F16/F32. ``source_gguf``: the GGUF file the model was
     converted from, whose tokenizer keys are copied (``tokenizer_pre="auto"``). The model's decoder
     linears are left holding their dequantized weights. Returns a summary (formats, bytes, seconds).
+
+    ``fixed`` (``{HF layer name: QuantizedWeight}``, what QAT learned, ``qft.layers.grids``) writes those
+    codes and scales as they are: every decoder linear's format must be the grid's (``keeps_grid``).
     """
     cfg = cfg or GGUFConfig()
     check_output_file(output, overwrite)
     names, types = plan(model, cfg)
-    if cfg.needs_calibration and tokens is None:
+    if cfg.needs_calibration and tokens is None and not fixed:
         raise ValueError(f"GGUF export(method={cfg.method!r}) needs calibration tokens (qft.export.calibration); "
                          "or use method='rtn', which reads none.")
     t0 = time.perf_counter()
     cfg_by_name = dict(names)
     grids: dict[str, BlockGrid] = {}
     quantized, rows = {}, []
-    if cfg.quant not in FLOAT:
+    if fixed:
+        for layer, qw in fixed.items():
+            grids[layer] = fixed_block_grid(qw, types[cfg_by_name[layer + ".weight"]])
+            quantized[layer] = qw
+        decoder = [hf[:-len(".weight")] for hf, g in names if g.startswith("blk.") and types[g] not in FLOAT]
+        missing = sorted(set(decoder) - set(quantized))
+        if missing:
+            raise ValueError(f"GGUF export: QAT trained {len(quantized)} of {len(decoder)} decoder linears (not "
+                             f"{missing[:2]}...); keeping learned grids needs all of them. Use qat_grid='resolve'.")
+        rows = [dict(layer=n, method="qat", bits=q.bits, group_size=q.group_size) for n, q in quantized.items()]
+    elif cfg.quant not in FLOAT:
         def grid_for(name, W, H):
             grid = choose_grid(W.detach(), types[cfg_by_name[name + ".weight"]],
                                None if H is None or cfg.method == "rtn" else torch.diag(H))
@@ -134,3 +195,74 @@ def dequantized_state(path) -> dict[str, np.ndarray]:
 
     reader = gguf.GGUFReader(str(path))
     return {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
+
+
+QAT_GRIDS = ("keep", "resolve")
+
+
+def check_trained(trained, qat_grid: str = "keep", where: str = "GGUF export", quant: str = "Q4_K_M") -> None:
+    """Refuse, before any work, what a GGUF file cannot be written from: a non-Llama architecture, or
+    a grid QAT learned that the mix ``quant`` cannot hold (only Q4_0 and Q8_0 are QAT grids, see
+    ``KEEPABLE``) unless ``qat_grid="resolve"`` asks to round the merged weights to the mix anew."""
+    from qft import layers
+
+    if qat_grid not in QAT_GRIDS:
+        raise ValueError(f"{where}(qat_grid={qat_grid!r}) is unknown; allowed: {list(QAT_GRIDS)} ('resolve' rounds "
+                         "a QAT-trained model's merged weights to the GGUF mix anew).")
+    hf = layers.unwrap(trained)
+    check_architecture(hf)
+    scheme = layers.learned_scheme(hf)
+    if scheme is None or qat_grid == "resolve":
+        return
+    if not keeps_grid(scheme, quant):
+        raise ValueError(f"{where}: the model was trained by QAT on a {scheme.bits}-bit "
+                         f"{'group-' + str(scheme.group_size) if scheme.granularity == 'per_group' else 'per-channel'} "
+                         f"{'symmetric' if scheme.symmetric else 'asymmetric'} grid, which no GGUF block format of "
+                         f"the {quant} mix holds, so the file could not keep it bit for bit. Train on "
+                         "QuantScheme(bits=4, group_size=32) for Q4_0 (bits=8 for Q8_0), which are GGUF's own grids; "
+                         "or pass qat_grid='resolve' (CLI: --qat-grid resolve) to round the merged weights to the mix "
+                         "anew; or export GPTQ, which keeps the learned grid.")
+    under = layers.grid_under_adapter(hf)
+    if under:
+        raise ValueError(f"{where}: {len(under)} layers (e.g. {under[0]}) have a learned grid under an unmerged LoRA "
+                         "adapter, so their merged weight is on no grid; train QAT with lora_merged=True or use "
+                         "qat_grid='resolve'.")
+
+
+def export_trained(trained, tokenizer, tokens, output, cfg: GGUFConfig, base_name: str | None = None,
+                   merge_into: str = "trained", masks=None, qat_grid: str = "keep", overwrite: bool = False,
+                   device=None, progress: bool = True) -> dict:
+    """Merge ``trained`` (plain, LoRA, NF4+LoRA, QAT) into a plain model (``qft.export.merge``) and write
+    it as GGUF; the road ``GGUFExportCallback`` and ``qft export --format gguf`` share."""
+    from qft.models import source_gguf
+
+    from ..merge import check_merge_into, merge_adapters
+
+    if not isinstance(cfg, GGUFConfig):
+        raise TypeError(f"export_trained(cfg={cfg!r}): expected a qft.export.gguf.GGUFConfig.")
+    from qft import layers
+
+    merge_into = check_merge_into(merge_into)
+    check_trained(trained, qat_grid, quant=cfg.quant)
+    check_output_file(output, overwrite)
+    fixed = layers.grids(trained) if qat_grid == "keep" else {}
+    if cfg.needs_calibration and tokens is None and not fixed:
+        raise ValueError(f"GGUF export(method={cfg.method!r}) needs calibration tokens; pass some (qft export "
+                         "--calibration FILE), or use method='rtn'.")
+    was_training = trained.training
+    trained.eval()
+    model = merge_adapters(trained, base_name, merge_into=merge_into, masks=masks)
+    trained.train(was_training)
+    summary = export_gguf(model, tokenizer, tokens, output, cfg, source_gguf=source_gguf(base_name),
+                          overwrite=overwrite, device=device, progress=progress, fixed=fixed)
+    summary.update(output_dir=summary["output"], merge_into=merge_into, qat_grid=qat_grid)
+    return summary
+
+
+def load_gguf(path, dtype=torch.float32):
+    """A GGUF file back as a plain transformers model (weights dequantized by gguf-py), to evaluate or
+    compare what was written without llama.cpp."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
