@@ -1,6 +1,7 @@
 """qft's GGUF export against llama.cpp's own quantizer, both files evaluated by llama.cpp (issue 11).
 
     make gguf && .venv-gguf/bin/python benchmarks/gguf_vs_llamacpp.py --out F.json [--finetune-steps 100]
+        [--method gptq|imatrix|rtn] [--quants Q4_0 Q4_K_M Q6_K]
 
 Protocol (shared/data/README.md): ``../shared/data/wikitext2_test.raw`` tokenised whole; perplexity on
 its first 16 windows of 1024 tokens, computed from llama.cpp's logits (llama-cpp-python, 2 threads) for
@@ -93,7 +94,7 @@ def finetune(save: Path, steps: int) -> None:
     tok.save_pretrained(save)
 
 
-def compare(name: str, load_model, ev, calib, work: Path, quants, source) -> dict:
+def compare(name: str, load_model, ev, calib, work: Path, quants, source, method: str = "gptq") -> dict:
     from qft.export.gguf import GGUFConfig, export_gguf
 
     res = {}
@@ -109,8 +110,8 @@ def compare(name: str, load_model, ev, calib, work: Path, quants, source) -> dic
         model, tok = load_model()
         ours = work / f"{name}-{q}-qft.gguf"
         t0 = time.perf_counter()
-        summary = export_gguf(model, tok, calib, ours, GGUFConfig(quant=q), source_gguf=source, overwrite=True,
-                              progress=False)
+        summary = export_gguf(model, tok, calib, ours, GGUFConfig(quant=q, method=method), source_gguf=source,
+                              overwrite=True, progress=False)
         qft_s = time.perf_counter() - t0
         del model
         row = {"qft_ppl": llama_ppl(ours, ev), "llamacpp_ppl": llama_ppl(lc, ev),
@@ -136,6 +137,8 @@ def main():
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--finetune-steps", type=int, default=0)
+    ap.add_argument("--method", default="gptq", choices=["gptq", "imatrix", "rtn"],
+                    help="qft's rounding (the ablation rows: imatrix without GPTQ, rtn without data)")
     a = ap.parse_args()
     if Path(a.out).exists() and not a.force:
         sys.exit(f"{a.out} exists; pass --force to replace it")
@@ -153,8 +156,8 @@ def main():
     source = _smollm2_gguf()
     res = {"command": " ".join(sys.argv), "machine": os.uname().nodename, "date": time.strftime("%Y-%m-%d"),
            "llama_cpp_python": llama_cpp.__version__, "calibration": list(calib.shape), "eval": [16, 1024],
-           "qft_method": "gptq (imatrix grids + GPTQ codes)", "llamacpp_params": "defaults, no imatrix, nthread=2"}
-    released = compare("released", lambda: load("smollm2-135m"), ev, calib, work, a.quants, source)
+           "qft_method": a.method, "llamacpp_params": "defaults, no imatrix, nthread=2"}
+    released = compare("released", lambda: load("smollm2-135m"), ev, calib, work, a.quants, source, a.method)
     res.update(released)
     if a.finetune_steps:
         ft = work / "finetuned"
@@ -167,7 +170,7 @@ def main():
             return AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32), AutoTokenizer.from_pretrained(ft)
 
         res["finetuned"] = {"steps": a.finetune_steps, "finetune_s": round(time.perf_counter() - t0, 1),
-                            **compare("finetuned", load_ft, ev, calib, work, a.quants, source)}
+                            **compare("finetuned", load_ft, ev, calib, work, a.quants, source, a.method)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))

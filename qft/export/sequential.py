@@ -191,8 +191,8 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                               relative_output_error(lin.weight, deq, torch.eye(lin.in_features, device=deq.device)))
             lin.weight.copy_(deq.to(lin.weight))
             rows.append(dict(layer=full, block=i, in_features=lin.in_features, out_features=lin.out_features,
-                             shared_with=",".join(x for x in names if x != n), method=method, bits=part.bits,
-                             group_size=part.group_size, damp_percent=qw.damp_percent, n_tokens=n_tokens,
+                             shared_with=",".join(x for x in names if x != n), method=method, bits=getattr(part, "bits", cfg.bits),
+                             group_size=getattr(part, "group_size", cfg.group_size), damp_percent=qw.damp_percent, n_tokens=n_tokens,
                              gptq_loss=qw.loss, rel_output_error=part.rel_error, seconds=round(seconds, 4),
                              **awq_of.get(full, {}),
                              **({"prune_method": cfg.prune_method, "sparsity": sparsity_of(deq)} if cfg.pruning
