@@ -6,7 +6,8 @@ Pieces: ``config.GPTQConfig`` (knobs), ``gptq`` (the solve), ``awq`` (AWQ's scal
 pre-pass of the driver), ``prune`` (magnitude/Wanda masks, SparseGPT's choice inside the solve),
 ``calibration`` (tokens), ``sequential`` (block-by-block driver), ``blocks`` (what a decoder block looks
 like), ``merge`` (adapters -> fp base), ``checkpoint`` (atomic HF write), ``load``, ``report``,
-``callback.GPTQExportCallback`` (Lightning) and ``cli`` (``qft export``). W8A8 lives in ``qft.ptq``.
+``callback.GPTQExportCallback`` (Lightning) and ``cli`` (``qft export``). W8A8 lives in ``qft.ptq``;
+``gguf`` writes llama.cpp files (its mixes, block grids from ``qft.quant.ggml``, GPTQ inside them).
 """
 from .blocks import find_decoder_blocks
 from .calibration import CalibrationError, calibration_mix, calibration_tokens
