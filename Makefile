@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.qft-installed
 
-.PHONY: install demo test test-all interop test-interop llmcompressor gguf test-gguf clean
+.PHONY: install demo test test-all test-gpu interop test-interop llmcompressor gguf test-gguf clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m ""
+
+# the CUDA paths (NF4 kernels, QAT, distillation, GPTQ, GGUF): on a machine with a CUDA device
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
 
 # GPTQModel/optimum interop needs torch>=2.14.1, so it gets its own venv (GPTQModel compiles its CPU
 # kernels on first use, cached in ~/.cache/gptqmodel; on 2 cores set GPTQMODEL_CPU_WORKERS=2).

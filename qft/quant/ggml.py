@@ -120,9 +120,9 @@ class BlockGrid:
         g_idx = (torch.arange(cols, device=codes.device) // self.fmt.block).to(torch.int32)
         return QuantizedWeight(codes.to(torch.int32), self.scale(), self.zero(), g_idx, self.fmt.bits, self.fmt.block)
 
-    def rows(self, index: torch.Tensor) -> "BlockGrid":
-        pick = (lambda t: None if t is None else t[index])
-        return BlockGrid(self.fmt, pick(self.d), pick(self.sc), pick(self.dmin), pick(self.mn))
+    def cpu(self) -> "BlockGrid":
+        move = (lambda t: None if t is None else t.cpu())
+        return BlockGrid(self.fmt, move(self.d), move(self.sc), move(self.dmin), move(self.mn))
 
 
 def fp16(t: torch.Tensor) -> torch.Tensor:

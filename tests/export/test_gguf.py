@@ -114,11 +114,14 @@ def test_bad_input_is_refused_before_any_work(tmp_path, tiny, calib_tokens):
     with pytest.raises(ValueError, match="end in .gguf"):
         export_gguf(tiny, None, calib_tokens, tmp_path / "m.bin", GGUFConfig(method="rtn"), progress=False)
     with pytest.raises(ValueError, match="needs calibration tokens"):
-        export_gguf(tiny, None, None, tmp_path / "m.gguf", GGUFConfig(method="gptq"), progress=False)
+        export_gguf(tiny, None, None, tmp_path / "m.gguf", GGUFConfig(method="gptq"), source_gguf=_source(),
+                    progress=False)
     (tmp_path / "old.gguf").write_bytes(b"keep me")
     with pytest.raises(FileExistsError, match="already exists"):
         export_gguf(tiny, None, None, tmp_path / "old.gguf", GGUFConfig(method="rtn"), progress=False)
     assert (tmp_path / "old.gguf").read_bytes() == b"keep me"
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        export_gguf(tiny, None, None, tmp_path / "m.gguf", GGUFConfig(method="rtn"), progress=False)
     tiny.config.architectures = ["GPT2LMHeadModel"]
     with pytest.raises(ValueError, match="not supported"):
         export_gguf(tiny, None, None, tmp_path / "m.gguf", GGUFConfig(method="rtn"), progress=False)

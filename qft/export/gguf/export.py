@@ -110,6 +110,10 @@ def export_gguf(model, tokenizer, tokens: torch.Tensor | None, output, cfg: GGUF
     if cfg.needs_calibration and tokens is None and not fixed:
         raise ValueError(f"GGUF export(method={cfg.method!r}) needs calibration tokens (qft.export.calibration); "
                          "or use method='rtn', which reads none.")
+    source = Path(source_gguf) if source_gguf is not None and cfg.tokenizer_pre == "auto" else None
+    if source is None and tokenizer is None:
+        raise ValueError("GGUF export: llama.cpp needs the tokenizer in the file; pass tokenizer= (a Hugging Face "
+                         "BPE tokenizer) or source_gguf= (the GGUF the model came from, qft.models.source_gguf).")
     t0 = time.perf_counter()
     cfg_by_name = dict(names)
     grids: dict[str, BlockGrid] = {}
@@ -128,7 +132,7 @@ def export_gguf(model, tokenizer, tokens: torch.Tensor | None, output, cfg: GGUF
         def grid_for(name, W, H):
             grid = choose_grid(W.detach(), types[cfg_by_name[name + ".weight"]],
                                None if H is None or cfg.method == "rtn" else torch.diag(H))
-            grids[name] = grid
+            grids[name] = grid.cpu()  # packed on the CPU, beside the codes quantize_model returns there
             return grid.quantized(grid.codes(W.detach()))
 
         gcfg = GPTQConfig(bits=4, group_size=32, method="rtn" if cfg.method == "rtn" else "gptq",
@@ -147,9 +151,9 @@ def export_gguf(model, tokenizer, tokens: torch.Tensor | None, output, cfg: GGUF
         if layer in quantized:
             data = pack(quantized[layer].codes, grids[layer])
         elif fmt in FLOAT:
-            data = params[hf].detach().float()
+            data = params[hf].detach().float().cpu()
         else:  # embedding / output: no calibration inputs reach them as a linear's would
-            W = params[hf].detach().float()
+            W = params[hf].detach().float().cpu()
             codes, grid = _rtn(W, fmt)
             data = pack(codes, grid)
         heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(g.split(".")[-2])
@@ -160,7 +164,6 @@ def export_gguf(model, tokenizer, tokens: torch.Tensor | None, output, cfg: GGUF
         else:
             tensors.append((g, data.contiguous().numpy(), _qtype(fmt)))
 
-    source = Path(source_gguf) if source_gguf is not None and cfg.tokenizer_pre == "auto" else None
     pre = "default" if cfg.tokenizer_pre == "auto" else cfg.tokenizer_pre
 
     def metadata(writer):
