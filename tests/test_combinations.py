@@ -257,3 +257,36 @@ def test_every_export_format_composes_with_nf4_prilora_qat_and_distillation(tmp_
     else:
         cos = torch.nn.functional.cosine_similarity(exported.flatten(), trained.flatten(), dim=0)
         assert cos > 0.5, float(cos)
+
+
+@pytest.mark.parametrize("base", ["fp", "nf4"])
+@pytest.mark.parametrize("merged", [True, False])
+def test_gguf_q4_0_keeps_a_g32_qat_grid_with_prilora_and_self_distillation(tmp_path, base, merged):
+    """QAT on int4 group 32 (GGUF's Q4_0) + PRILoRA + self-distillation on an fp or NF4 base, exported by
+    GGUFExportCallback(quant="Q4_0") in the same fit: with the adapters merged into the fake-quant weight
+    the file holds the learned codes and scales bit for bit; with the adapters outside the grid it is
+    refused at set-up, before any step, nothing written."""
+    from qft import layers
+    from qft.export.gguf import load_gguf
+    from qft.export.gguf.callback import GGUFExportCallback
+    from qft.prilora import PRILoRACallback
+    from qft.qat import QATCallback
+    from qft.quant import QuantScheme
+
+    module = _module(base, distill=True)
+    export = GGUFExportCallback(tmp_path / "model.gguf", quant="Q4_0", progress=False)
+    cbs = [export, PRILoRACallback(r_start=2, r_end=6, final_sparsity=0.5, start_step=1, end_step=3, interval=1),
+           QATCallback(weight=QuantScheme(bits=4, group_size=32), start_step=1, lora_merged=merged)]
+    trainer, data, counter, _ = _fit(tmp_path, module, cbs)
+    if not merged:
+        with pytest.raises(ValueError, match="unmerged LoRA"):
+            trainer.fit(module, datamodule=data)
+        assert counter.steps == 0 and not export.output_dir.exists()
+        return
+    trainer.fit(module, datamodule=data)
+    assert counter.steps == STEPS and export.tokens is None  # kept: nothing calibrated
+    learned = layers.grids(module.model)
+    back = dict(load_gguf(export.checkpoint_path).named_parameters())
+    assert len(learned) == 28
+    for name, qw in learned.items():
+        assert torch.equal(back[name + ".weight"], qw.dequantize()), name

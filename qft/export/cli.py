@@ -27,8 +27,9 @@ from .offload import OFFLOADS, check_offload
 from .prune import PATTERNS, PRUNE_METHODS
 
 FORMATS = ("gptq", "w8a8", "gguf")
-GGUF_QUANTS = ("Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "F16", "F32")  # qft.export.gguf.QUANTS (lazy import)
-GGUF_METHODS = ("imatrix",)  # --format gguf's own, besides gptq and rtn
+from .gguf.config import METHODS as GGUF_ALL_METHODS, QUANTS as GGUF_QUANTS
+
+GGUF_METHODS = tuple(m for m in GGUF_ALL_METHODS if m not in METHODS)  # --format gguf's own (imatrix)
 ACTIVATIONS = ("dynamic", "static")
 from .pipeline import BACKENDS, DTYPES, GENERAL_TARGETS, QAT_GRIDS, check_backend, export, export_config, road, \
     needs_calibration
@@ -279,8 +280,8 @@ def _run_gguf(args) -> dict:
         if bad:
             raise ValueError(f"qft export --format gguf cannot take {flag}: the GGUF mix (--quant) fixes each tensor's "
                              f"block format, solved by qft in memory from task calibration only. Drop {flag}.")
-    if args.method not in ("gptq", "imatrix", "rtn"):
-        raise ValueError(f"qft export --format gguf --method {args.method}: allowed gptq, imatrix, rtn.")
+    if args.method not in GGUF_ALL_METHODS:
+        raise ValueError(f"qft export --format gguf --method {args.method}: allowed {list(GGUF_ALL_METHODS)}.")
     cfg = GGUFConfig(quant=args.quant or "Q4_K_M", method=args.method, damp_percent=args.damp_percent)
     check_merge_into(args.merge_into, "qft export")
     check_output_file(args.output, args.overwrite)

@@ -135,6 +135,7 @@ def test_cli_writes_gguf_from_an_adapter_and_refuses_gptq_flags(tmp_path, capsys
     from qft.models import load_model
 
     adapter = tmp_path / "adapter"
+    torch.manual_seed(0)  # the adapter's random init
     model = get_peft_model(load_model("tiny-llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                init_lora_weights=False))
     model.save_pretrained(adapter)
@@ -151,10 +152,11 @@ def test_cli_writes_gguf_from_an_adapter_and_refuses_gptq_flags(tmp_path, capsys
     s = main(["--adapter", str(adapter), "--output", str(out), "--format", "gguf", "--quant", "Q4_0",
               "--method", "rtn"])
     assert s["formats"]["Q4_0"] == 28 and out.is_file()
-    merged = model.merge_and_unload()
-    back = load_gguf(out)
-    cos = torch.nn.functional.cosine_similarity(_logits(back).flatten(), _logits(merged).flatten(), dim=0)
-    assert cos > 0.95, float(cos)  # 4-bit RTN of a random-init model
+    merged = dict(model.merge_and_unload().named_parameters())
+    back = dict(load_gguf(out).named_parameters())
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.self_attn.v_proj.weight"):
+        W, Q = merged[name], back[name]  # the merged adapter, 4-bit: within Q4_0's rounding of it
+        assert float((Q - W).square().sum() / W.square().sum()) < 0.02, name
 
 
 def _source():

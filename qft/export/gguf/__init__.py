@@ -7,7 +7,7 @@
   (``qft.quant.ggml``) and GPTQ inside it.
 """
 from .config import METHODS, QUANTS, GGUFConfig
-from .export import QAT_GRIDS, check_trained, dequantized_state, export_gguf, export_trained, load_gguf
+from .export import QAT_GRIDS, check_trained, export_gguf, export_trained, load_gguf
 
 __all__ = ["GGUFConfig", "QUANTS", "METHODS", "QAT_GRIDS", "export_gguf", "export_trained", "check_trained",
-           "dequantized_state", "load_gguf"]
+           "load_gguf"]

@@ -6,7 +6,7 @@ from qft.export.callback import ExportCallback
 from qft.export.merge import DEFAULT_MERGE_INTO, check_merge_into
 
 from .config import GGUFConfig
-from .export import check_trained, export_trained, plan
+from .export import QAT_GRIDS, check_trained, export_trained, plan
 from .writer import check_output_file
 
 DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN = 128, 512  # benchmarks/gguf_vs_llamacpp.py's calibration
@@ -46,8 +46,8 @@ class GGUFExportCallback(ExportCallback):
                  n_samples: int = DEFAULT_N_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
                  merge_into: str = DEFAULT_MERGE_INTO, device=None, overwrite: bool = False, progress: bool = True):
         self.config = GGUFConfig(quant=quant, method=method, damp_percent=damp_percent, tokenizer_pre=tokenizer_pre)
-        if qat_grid not in ("keep", "resolve"):
-            raise ValueError(f"GGUFExportCallback(qat_grid={qat_grid!r}) is unknown; allowed: ['keep', 'resolve'] "
+        if qat_grid not in QAT_GRIDS:
+            raise ValueError(f"GGUFExportCallback(qat_grid={qat_grid!r}) is unknown; allowed: {list(QAT_GRIDS)} "
                              "('resolve' rounds a QAT-trained model to the GGUF mix anew).")
         if not isinstance(n_samples, int) or n_samples < 1 or not isinstance(seq_len, int) or seq_len < 2:
             raise ValueError(f"GGUFExportCallback(n_samples={n_samples!r}, seq_len={seq_len!r}): need n_samples >= 1 "

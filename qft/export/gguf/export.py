@@ -12,10 +12,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from qft.quant.ggml import FORMATS, BlockGrid, choose_grid, pack
+from qft.quant.ggml import FORMATS, BlockGrid, choose_grid, pack, quantize
 
 from ..config import GPTQConfig
 from ..sequential import quantize_model
@@ -24,7 +23,11 @@ from .mix import FLOAT, tensor_types
 from .writer import (check_architecture, check_output_file, copy_tokenizer, gguf_name, hyperparameters, rotary_rows,
                      tokenizer_from_hf, write_gguf)
 
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+def file_type(quant: str) -> int:
+    """``general.file_type``: gguf's own ``LlamaFileType`` of the mix."""
+    import gguf
+
+    return int(getattr(gguf.LlamaFileType, "ALL_F32" if quant == "F32" else f"MOSTLY_{quant}"))
 
 
 def shapes(model) -> list[tuple[str, tuple[int, ...]]]:
@@ -154,7 +157,7 @@ def export_gguf(model, tokenizer, tokens: torch.Tensor | None, output, cfg: GGUF
             data = params[hf].detach().float().cpu()
         else:  # embedding / output: no calibration inputs reach them as a linear's would
             W = params[hf].detach().float().cpu()
-            codes, grid = _rtn(W, fmt)
+            codes, grid = quantize(W, fmt)
             data = pack(codes, grid)
         heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(g.split(".")[-2])
         if heads is not None:
@@ -167,7 +170,7 @@ def export_gguf(model, tokenizer, tokens: torch.Tensor | None, output, cfg: GGUF
     pre = "default" if cfg.tokenizer_pre == "auto" else cfg.tokenizer_pre
 
     def metadata(writer):
-        hyperparameters(writer, config, FILE_TYPES[cfg.quant], getattr(config, "_name_or_path", "") or "qft")
+        hyperparameters(writer, config, file_type(cfg.quant), getattr(config, "_name_or_path", "") or "qft")
         if source is not None:
             copy_tokenizer(writer, source)
         else:
@@ -180,24 +183,11 @@ def export_gguf(model, tokenizer, tokens: torch.Tensor | None, output, cfg: GGUF
             "solve_seconds": round(t_solve, 2), "layers": rows}
 
 
-def _rtn(W: torch.Tensor, fmt: str):
-    grid = choose_grid(W, fmt)
-    return grid.codes(W), grid
-
-
 def _qtype(fmt: str):
     import gguf
 
     assert fmt in FORMATS
     return getattr(gguf.GGMLQuantizationType, fmt)
-
-
-def dequantized_state(path) -> dict[str, np.ndarray]:
-    """Every tensor of a GGUF file as float32 (gguf-py's own dequantization): a check independent of qft's."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    return {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
 
 
 QAT_GRIDS = ("keep", "resolve")
