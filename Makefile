@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.qft-installed
 
-.PHONY: install demo test test-all test-gpu interop test-interop llmcompressor gguf test-gguf clean
+.PHONY: install demo test test-all test-gpu interop test-interop llmcompressor gguf test-gguf torchao clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,16 @@ gguf: $(GGUF_STAMP)
 # llama.cpp loads qft's GGUF files and its logits match qft's dequantized reference
 test-gguf: $(GGUF_STAMP)
 	.venv-gguf/bin/python -m pytest -q -p no:cacheprovider tests/export/test_gguf_llamacpp.py
+
+# torchao, only for benchmarks/qat_recovery.py's comparison arm (never a qft dependency): its pure-Python
+# QAT path runs on this torch; installed without deps into a folder the benchmark puts on sys.path
+TORCHAO_STAMP := .venv-torchao/.qft-installed
+
+$(TORCHAO_STAMP): $(STAMP)
+	$(PIP) install -q --no-deps --target .venv-torchao "torchao==0.18.0"
+	touch $(TORCHAO_STAMP)
+
+torchao: $(TORCHAO_STAMP)
 
 clean:
 	rm -rf $(VENV) runs

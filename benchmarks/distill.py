@@ -1,7 +1,8 @@
 """QAT vs QAD (QAT + self-distillation from the fp model) on SmolLM2-135M, Tiny Shakespeare.
 
     python benchmarks/distill.py --out F.json [--steps 30] [--seq-len 128] [--batch-size 2]
-                                 [--group-size 64] [--eval-windows 8] [--mem-batch 2 --mem-seq-len 512]
+                                 [--kd-ratio 1.0,0.5] [--group-size 64] [--eval-windows 8]
+                                 [--mem-batch 2 --mem-seq-len 512 | --skip-memory]
 
 Setup (issue 5): ``../shared/data/tinyshakespeare.txt``, first 90% of characters for training, last
 10% held out. Both runs start from the same fp32 SmolLM2-135M-Instruct, fake-quantize every decoder
@@ -9,8 +10,9 @@ linear to int4 with ``qft.qat.QATCallback`` (``lm_head`` stays fp), see the same
 order with the same optimizer and learning rate for ``--steps`` steps, and differ only in the loss:
 
 - ``qat``: ``CausalLMModule``, cross-entropy on the data;
-- ``qad``: ``DistillationModule(teacher='self', kd_ratio=--kd-ratio)``: the fp teacher is the very
-  same model with fake-quant switched off (no second copy of the weights).
+- ``qad``: ``DistillationModule(teacher='self', kd_ratio=r)`` for each ``r`` in ``--kd-ratio`` (a comma
+  list; arm ``qad`` for 1.0, ``qad_kd0.5`` etc. for the others): the fp teacher is the very same model
+  with fake-quant switched off (no second copy of the weights).
 
 Held-out figures use the first ``--eval-windows`` windows of ``--seq-len`` tokens of the held-out split,
 in fp32 (no autocast): perplexity and the mean per-token forward KL(fp || model) to the untouched fp
@@ -118,7 +120,7 @@ def evaluate(model, fp_model, windows: torch.Tensor) -> tuple[float, float]:
     return math.exp(nll / n), kl / n
 
 
-def train(kind: str, args, train_batches):
+def train(kind: str, args, train_batches, kd_ratio: float = 1.0):
     import pytorch_lightning as pl
 
     from qft.distill import DistillationModule
@@ -131,7 +133,7 @@ def train(kind: str, args, train_batches):
     if kind == "qat":
         module = CausalLMModule(**common)
     else:
-        module = DistillationModule(distill=dict(teacher="self", kd_ratio=args.kd_ratio, loss="forward_kl",
+        module = DistillationModule(distill=dict(teacher="self", kd_ratio=kd_ratio, loss="forward_kl",
                                                  chunk_size=args.chunk_size), **common)
     cb = QATCallback(weight=QuantScheme(bits=4, group_size=args.group_size, symmetric=True))
     trainer = pl.Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
@@ -157,14 +159,20 @@ def quality(args) -> dict:
     prepare(rtn, QATConfig(weight=QuantScheme(bits=4, group_size=args.group_size)))
     res["ppl_rtn"], res["kl_to_fp_rtn"] = evaluate(rtn, fp, windows)
     del rtn
-    for kind in ("qat", "qad"):
-        module, secs = train(kind, args, tb)
+    arms = [("qat", "qat", 1.0)] + [("qad" if r == 1.0 else f"qad_kd{r:g}", "qad", r) for r in kd_ratios(args)]
+    for kind, how, ratio in arms:
+        module, secs = train(how, args, tb, ratio)
         res[f"ppl_{kind}"], res[f"kl_to_fp_{kind}"] = evaluate(module.model, fp, windows)
         res[f"train_s_{kind}"] = secs
+        res[f"s_per_step_{kind}"] = secs / args.steps
         print(f"{kind}: ppl {res[f'ppl_{kind}']:.3f}  KL to fp {res[f'kl_to_fp_{kind}']:.5f}  ({secs:.0f} s)",
               flush=True)
         del module
     return res
+
+
+def kd_ratios(args) -> list[float]:
+    return [float(r) for r in str(args.kd_ratio).split(",") if r]
 
 
 # --------------------------------------------------------------------------- memory (subprocesses)
@@ -188,7 +196,7 @@ def mem_child(mode: str, chunk: int | None, args) -> dict:
     from qft.quant import QuantScheme
 
     module = DistillationModule(model=MODEL, compute_dtype=args.compute_dtype,
-                                distill=dict(teacher="self", kd_ratio=args.kd_ratio, chunk_size=chunk))
+                                distill=dict(teacher="self", kd_ratio=kd_ratios(args)[0], chunk_size=chunk))
     QATCallback(weight=QuantScheme(bits=4, group_size=args.group_size)).setup(None, module, "fit")
     module.configure_model()
     module.model.train()
@@ -232,7 +240,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--kd-ratio", type=float, default=1.0)
+    p.add_argument("--kd-ratio", default="1.0", help="comma list of QAD kd_ratio values, one arm each")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--eval-windows", type=int, default=8)
@@ -240,6 +248,7 @@ def main():
     p.add_argument("--mem-batch", type=int, default=2)
     p.add_argument("--mem-seq-len", type=int, default=512)
     p.add_argument("--skip-quality", action="store_true", help="only the memory comparison")
+    p.add_argument("--skip-memory", action="store_true", help="only the quality comparison")
     p.add_argument("--mem-child", choices=["step", "loss"], help=argparse.SUPPRESS)
     p.add_argument("--mem-chunk", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -257,14 +266,23 @@ def main():
                kd_ratio=args.kd_ratio, bits=4, group_size=args.group_size, compute_dtype=args.compute_dtype,
                eval_windows=args.eval_windows, chunk_size=args.chunk_size, mem_batch=args.mem_batch,
                mem_seq_len=args.mem_seq_len, torch=torch.__version__, threads=torch.get_num_threads())
-    res.update(memory(args))
+    try:
+        ratios = kd_ratios(args)
+    except ValueError:
+        p.error(f"--kd-ratio {args.kd_ratio!r}: expected comma-separated numbers in [0, 1], e.g. 1.0,0.5")
+    if not ratios or any(not 0 <= r <= 1 for r in ratios):
+        p.error(f"--kd-ratio {args.kd_ratio!r}: each value must be in [0, 1], e.g. 1.0,0.5")
+    if not args.skip_memory:
+        res.update(memory(args))
     if not args.skip_quality:
         res.update(quality(args))
     res["wall_s"] = time.perf_counter() - t0
-    if "ppl_qat" in res:
-        res["ppl_ratio_qad_over_qat"] = res["ppl_qad"] / res["ppl_qat"]
-        res["kl_ratio_qad_over_qat"] = res["kl_to_fp_qad"] / res["kl_to_fp_qat"]
-    res["peak_rss_ratio_chunked_over_unchunked"] = res["peak_rss_mb_chunked"] / res["peak_rss_mb_unchunked"]
+    for k in [k for k in res if k.startswith("ppl_qad")]:
+        arm = k[len("ppl_"):]
+        res[f"ppl_ratio_{arm}_over_qat"] = res[k] / res["ppl_qat"]
+        res[f"kl_ratio_{arm}_over_qat"] = res[f"kl_to_fp_{arm}"] / res["kl_to_fp_qat"]
+    if "peak_rss_mb_chunked" in res:
+        res["peak_rss_ratio_chunked_over_unchunked"] = res["peak_rss_mb_chunked"] / res["peak_rss_mb_unchunked"]
     print("\n| metric | value |\n|---|---|")
     for k, v in res.items():
         print(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")

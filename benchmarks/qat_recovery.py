@@ -1,27 +1,34 @@
-"""How much of the PTQ perplexity loss does QAT recover? (issue 4)
+"""How much of the PTQ perplexity loss does QAT recover? (issues 4 and 14)
 
-Arms, all from the same pretrained model, on the same batches in the same order, same optimizer:
-  (a) plain fine-tune -> fp perplexity, then RTN on the export grid (prepare+convert of the trained
-      weights = round-to-nearest with fp16 scales) -> PTQ perplexity, per bit width;
-  (b) QAT with qft.qat (fake-quant on that grid) -> qft.qat.convert -> QAT perplexity, per bit width;
-  (c) torchao (optional): a side-by-side micro-benchmark of one int4 weight fake-quant forward+backward
-      (qft vs torchao, interleaved) on SmolLM2's linear shapes, and with ``--torchao full`` the same
-      int4 QAT run with torchao's fake-quant and with qft's at ``--torchao-group`` (torchao needs
-      group_size to divide in_features, and SmolLM2's 576 is not a multiple of 128), torchao's trained
-      weights exported on the GPTQ grid qft writes.
-Perplexity is on the held-out 10% of Tiny Shakespeare (split by characters, data README).
-``recovered = (ptq - qat) / (ptq - fp)``; ``step_time_ratio`` = median QAT step / median plain step.
+    python benchmarks/qat_recovery.py --out qat.json [--steps 160 --batch-size 4 --seq-len 128]
 
-torchao is optional and never a qft dependency: put it on PYTHONPATH (e.g. ``pip install --target
-/tmp/torchao_pkg --no-deps torchao``) or the torchao arm is skipped and the JSON says why.
+Arms, all from the same pretrained SmolLM2-135M (fp32), trained **in lockstep**: at every step each arm
+takes one AdamW step on the same batch, in an order that rotates from step to step, so every arm's step
+times are taken under the same machine conditions and ``step_time_ratio`` (median arm step / median
+plain step) compares interleaved steps, not runs taken one after another:
 
-    python benchmarks/qat_recovery.py --out qat.json [--steps 40 --seq-len 256 --eval-tokens 4096]
+- ``plain``: full fine-tune; then PTQ of the fine-tune per bit width, two ways: RTN on the export grid
+  (``qft.qat.prepare`` + ``convert``: round-to-nearest, fp16 scales) and GPTQ (``qft.export.sequential
+  .quantize_model`` on ``--calib-windows`` training windows);
+- ``qat_int{bits}``: QAT with ``qft.qat`` (learned scales, LSQ, on the export grid), then
+  ``qft.qat.convert`` to packed ``GPTQLinear``; ``convert_max_abs_logit_diff`` checks that the converted
+  model computes what the fake-quant model computed;
+- ``torchao_int4`` (when torchao imports): torchao's ``IntxFakeQuantizer`` QAT at the same group, its
+  trained weights then exported on the GPTQ grid qft writes (RTN), since that is what a GPTQ runtime loads.
+
+int4 is symmetric, int3 asymmetric (the data README's RTN conventions), both at ``--group-size`` (64:
+SmolLM2's 576-wide inputs split evenly). Perplexity is on the held-out 10% of Tiny Shakespeare (split by
+characters, data README), first ``--eval-tokens`` tokens in ``--seq-len`` windows, fp32.
+``recovered = (ptq - qat) / (ptq - fp)`` against RTN, and ``recovered_vs_gptq`` against GPTQ.
+
+torchao is optional and never a qft dependency: ``make torchao`` installs it (``--no-deps``) into
+``.venv-torchao/``, which this script puts on ``sys.path`` when present; without it the arm is skipped and
+the JSON says why. ``--micro-only`` runs only the interleaved fake-quant micro-benchmark (qft vs torchao).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -34,6 +41,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if (ROOT / ".venv-torchao").is_dir():  # `make torchao`: torchao for this benchmark only, never a qft dependency
+    sys.path.append(str(ROOT / ".venv-torchao"))
 
 from qft.evaluate import perplexity  # noqa: E402
 from qft.models import load_model, load_tokenizer  # noqa: E402
@@ -62,21 +71,6 @@ def batches(train_ids, steps, batch, seq_len, seed):
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, train_ids.numel() - seq_len, (steps, batch), generator=g)
     return [torch.stack([train_ids[s:s + seq_len] for s in row.tolist()]) for row in starts]
-
-
-def train(model, data, lr):
-    """Plain AdamW loop; returns per-step wall times (s)."""
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    times = []
-    for x in data:
-        t = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def rss_mb() -> float:
@@ -133,22 +127,83 @@ def fake_quant_microbench(group, reps):
     return {k: statistics.median(v) * 1000 for k, v in t.items()}, grid
 
 
+def make_arms(a) -> dict:
+    """name -> (model, optimizer): the plain fine-tune, one QAT model per width, torchao's int4 QAT."""
+    arms = {"plain": load_model(a.model)}
+    for bits in a.bits:
+        m = load_model(a.model)
+        prepare(m, qat_config(bits, a.group_size, range_learning=True))
+        arms[f"qat_int{bits}"] = m
+    if a.torchao_version:
+        m = load_model(a.model)
+        torchao_prepare(m, 4, a.group_size, True)
+        arms["torchao_int4"] = m
+    return {k: (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0))
+            for k, m in arms.items()}
+
+
+def train_lockstep(arms: dict, data, log, dtype=torch.float32) -> dict:
+    """One step of every arm per batch, in a rotating order; returns per-arm step times and losses.
+    ``dtype`` bfloat16 runs each forward under CPU autocast (the weights, grads and AdamW stay fp32)."""
+    names = list(arms)
+    times = {k: [] for k in names}
+    losses = {k: [] for k in names}
+    for m, _ in arms.values():
+        m.train()
+    for i, x in enumerate(data):
+        for k in names[i % len(names):] + names[: i % len(names)]:
+            model, opt = arms[k]
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times[k].append(time.perf_counter() - t)
+            losses[k].append(loss.item())
+        if i % 10 == 0 or i == len(data) - 1:
+            log(f"step {i}: " + ", ".join(f"{k} {losses[k][-1]:.3f} ({times[k][-1]:.2f}s)" for k in names))
+    return {"times": times, "losses": losses}
+
+
+def ptq(trained_state, a, bits, calib, log) -> dict:
+    """PTQ of the plain fine-tune at ``bits``: RTN on the export grid, and GPTQ."""
+    from qft.export.config import GPTQConfig
+    from qft.export.sequential import quantize_model
+
+    out = {}
+    model = load_model(a.model)
+    model.load_state_dict(trained_state)
+    prepare(model, qat_config(bits, a.group_size))
+    convert(model)
+    out["rtn"] = a.ppl(model)
+    model = load_model(a.model)
+    model.load_state_dict(trained_state)
+    t = time.perf_counter()
+    quantize_model(model, GPTQConfig(bits=bits, group_size=a.group_size, sym=bits >= 4), tokens=calib, progress=False)
+    out["gptq_s"] = time.perf_counter() - t
+    out["gptq"] = a.ppl(model)
+    log(f"PTQ int{bits}: RTN {out['rtn']:.3f}, GPTQ {out['gptq']:.3f} ({out['gptq_s']:.0f} s)")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON result file (refuses to overwrite)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "tinyshakespeare.txt"))
-    p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=40, help="training steps per arm")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3], choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=160, help="training steps (every arm takes each one)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens scored (seq-len windows)")
-    p.add_argument("--lr", type=float, default=3e-5)
-    p.add_argument("--range-learning", action="store_true", help="QAT arm learns scales (LSQ)")
-    p.add_argument("--torchao", choices=["full", "micro", "off"], default="full",
-                   help="full: micro-benchmark + QAT arms; micro: micro-benchmark only")
-    p.add_argument("--torchao-group", type=int, default=64, help="group size of the torchao comparison")
+    p.add_argument("--calib-windows", type=int, default=64, help="training windows GPTQ calibrates on")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="training forward under autocast ('auto': bfloat16 where the CPU has native bf16); "
+                        "evaluation is always fp32")
+    p.add_argument("--torchao", choices=["on", "off"], default="on", help="the torchao arm and micro-benchmark")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--micro-only", action="store_true", help="only the qft-vs-torchao fake-quant micro-benchmark")
@@ -161,128 +216,112 @@ def main(argv=None):
     data_path = Path(a.data)
     if not data_path.is_file():
         sys.exit(f"no data at {data_path}; see ../shared/data/README.md")
+    a.torchao_version, why = torchao_available() if a.torchao == "on" else (None, "--torchao off")
     torch.manual_seed(a.seed)
     t_start = time.perf_counter()
-    tok = load_tokenizer(a.model)
-    train_ids, val_ids = split_tokens(data_path, tok)
-    data = batches(train_ids, a.steps, a.batch_size, a.seq_len, a.seed)
-    n_windows = max(1, a.eval_tokens // a.seq_len)
-    ppl = lambda m: perplexity(m, val_ids, seq_len=a.seq_len, max_windows=n_windows)  # noqa: E731
-    probe = val_ids[: a.seq_len].unsqueeze(0)
     res = {"config": {k: v for k, v in vars(a).items() if k != "out"}, "machine": {
         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": sys.platform},
-        "train_tokens": a.steps * a.batch_size * a.seq_len, "eval_tokens": n_windows * a.seq_len}
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     def log(msg):
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
-    if a.micro_only:
-        version, why = torchao_available()
-        if version is None:
-            sys.exit(f"--micro-only needs torchao on PYTHONPATH: {why}")
-        micro, grid = fake_quant_microbench(a.torchao_group, reps=50)
-        res = {"config": res["config"], "machine": res["machine"], "torchao": {
-            "version": version, "group_size": a.torchao_group, "fake_quant_op_ms": micro,
-            "fake_quant_op_speedup": micro["torchao"] / micro["qft"], "grid_vs_gptq_export": grid}}
-        print(json.dumps(res["torchao"], indent=1))
-        _write(out, res)
-        return
+    if a.micro_only or a.torchao_version:
+        if a.torchao_version is None:
+            sys.exit(f"--micro-only needs torchao (make torchao): {why}")
+        micro, grid = fake_quant_microbench(a.group_size, reps=50 if a.micro_only else 20)
+        res["torchao"] = {"version": a.torchao_version, "group_size": a.group_size, "fake_quant_op_ms": micro,
+                          "fake_quant_op_speedup": micro["torchao"] / micro["qft"], "grid_vs_gptq_export": grid}
+        log(f"fake-quant fwd+bwd (4 shapes): qft {micro['qft']:.2f} ms, torchao {micro['torchao']:.2f} ms")
+        if a.micro_only:
+            _write(out, res)
+            return
+    else:
+        res["torchao"] = {"skipped": why}
 
-    # (a) plain fine-tune, then PTQ (RTN on the export grid) per bit width
-    model = load_model(a.model)
-    res["pretrained_ppl"] = ppl(model)
-    log(f"pretrained ppl {res['pretrained_ppl']:.3f}")
-    plain_times = train(model, data, a.lr)
-    fp_ppl = ppl(model)
-    log(f"plain: fp ppl {fp_ppl:.3f}, median step {statistics.median(plain_times):.2f}s")
-    trained = {k: v.clone() for k, v in model.state_dict().items()}
-    ptq = {}
-    for bits in a.bits:
-        model.load_state_dict(trained)
-        prepare(model, qat_config(bits, a.group_size))
-        convert(model)
-        ptq[bits] = ppl(model)
-        log(f"PTQ int{bits}: ppl {ptq[bits]:.3f}")
-        model = load_model(a.model)
-    del trained
+    tok = load_tokenizer(a.model)
+    train_ids, val_ids = split_tokens(data_path, tok)
+    data = batches(train_ids, a.steps, a.batch_size, a.seq_len, a.seed)
+    calib = torch.cat(batches(train_ids, a.calib_windows, 1, a.seq_len, a.seed + 1))
+    n_windows = max(1, a.eval_tokens // a.seq_len)
+    a.ppl = lambda m: perplexity(m, val_ids, seq_len=a.seq_len, max_windows=n_windows)  # noqa: E731
+    probe = val_ids[: a.seq_len].unsqueeze(0)
+    res.update(train_tokens=a.steps * a.batch_size * a.seq_len, eval_tokens=n_windows * a.seq_len)
 
-    # (b) QAT per bit width
+    arms = make_arms(a)
+    res["pretrained_ppl"] = a.ppl(arms["plain"][0])
+    log(f"pretrained ppl {res['pretrained_ppl']:.3f}; arms {list(arms)}")
+    from qft.module import bf16_supported
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(a.compute_dtype) or \
+        (torch.bfloat16 if bf16_supported(torch.device("cpu")) else torch.float32)
+    res["compute_dtype"] = str(dtype).replace("torch.", "")
+    run = train_lockstep(arms, data, log, dtype)
+    med = {k: statistics.median(v) for k, v in run["times"].items()}
+    res["step_s"] = med
+    res["step_times_s"] = run["times"]
+    res["train_loss_last10"] = {k: statistics.mean(v[-10:]) for k, v in run["losses"].items()}
+    plain = arms.pop("plain")[0]
+    fp_ppl = res["fp_ppl"] = a.ppl(plain)
+    log(f"plain: fp ppl {fp_ppl:.3f}, median step {med['plain']:.2f}s")
+    trained = {k: v.clone() for k, v in plain.state_dict().items()}
+    del plain
+
     for bits in a.bits:
-        model = load_model(a.model)
-        prepare(model, qat_config(bits, a.group_size, range_learning=a.range_learning))
-        times = train(model, data, a.lr)
+        model = arms.pop(f"qat_int{bits}")[0]
         model.eval()
         with torch.no_grad():
             fq_logits = model(input_ids=probe).logits
         convert(model)
         with torch.no_grad():
             diff = (model(input_ids=probe).logits - fq_logits).abs().max().item()
-        qat_ppl = ppl(model)
-        r = {"fp_ppl": fp_ppl, "ptq_ppl": ptq[bits], "qat_ppl": qat_ppl,
-             "recovered": (ptq[bits] - qat_ppl) / (ptq[bits] - fp_ppl) if ptq[bits] != fp_ppl else math.nan,
-             "step_time_ratio": statistics.median(times) / statistics.median(plain_times),
-             "plain_step_s": statistics.median(plain_times), "qat_step_s": statistics.median(times),
-             "convert_max_abs_logit_diff": diff, "scheme": scheme_for(bits, a.group_size).to_dict()}
-        res[f"int{bits}"] = r
-        log(f"QAT int{bits}: ppl {qat_ppl:.3f}, recovered {r['recovered']:.3f}, step ratio "
-            f"{r['step_time_ratio']:.3f}, convert diff {diff:.2e}")
+        qat_ppl = a.ppl(model)
         del model
+        base = ptq(trained, a, bits, calib, log)
+        r = {"fp_ppl": fp_ppl, "ptq_ppl": base["rtn"], "ptq_gptq_ppl": base["gptq"], "gptq_s": base["gptq_s"],
+             "qat_ppl": qat_ppl,
+             "recovered": (base["rtn"] - qat_ppl) / (base["rtn"] - fp_ppl),
+             "recovered_vs_gptq": (base["gptq"] - qat_ppl) / (base["gptq"] - fp_ppl),
+             "step_time_ratio": med[f"qat_int{bits}"] / med["plain"], "convert_max_abs_logit_diff": diff,
+             "scheme": scheme_for(bits, a.group_size).to_dict()}
+        res[f"int{bits}"] = r
+        log(f"QAT int{bits}: ppl {qat_ppl:.3f}, recovered {r['recovered']:.3f} (vs GPTQ {r['recovered_vs_gptq']:.3f}), "
+            f"step ratio {r['step_time_ratio']:.3f}, convert diff {diff:.2e}")
 
-    # (c) torchao
-    version, why = torchao_available() if a.torchao != "off" else (None, "--torchao off")
-    res["torchao"] = {"version": version, "skipped": why, "group_size": a.torchao_group}
-    if version is not None:
-        micro, grid = fake_quant_microbench(a.torchao_group, reps=20)
-        res["torchao"]["fake_quant_op_ms"] = micro
-        res["torchao"]["fake_quant_op_speedup"] = micro["torchao"] / micro["qft"]
-        res["torchao"]["grid_vs_gptq_export"] = grid
-        log(f"fake-quant fwd+bwd (4 shapes): qft {micro['qft']:.2f} ms, torchao {micro['torchao']:.2f} ms")
-    if version is not None and a.torchao == "full":
-        g = a.torchao_group
-        model = load_model(a.model)
-        prepare(model, qat_config(4, g))
-        convert(model)
-        ptq_g = ppl(model)
-        model = load_model(a.model)
-        prepare(model, qat_config(4, g))
-        qft_times = train(model, data, a.lr)
-        convert(model)
-        qft_g = ppl(model)
-        model = load_model(a.model)
-        torchao_prepare(model, 4, g, True)
-        times = train(model, data, a.lr)
-        fq = ppl(model)  # torchao's own fake-quant numerics
-        plain = load_model(a.model)  # its trained weights, exported on the GPTQ grid qft writes
-        plain.load_state_dict(model.state_dict(), strict=False)
-        prepare(plain, qat_config(4, g))
-        convert(plain)
-        exported = ppl(plain)
-        med = statistics.median(plain_times)
+    if "torchao_int4" in arms:
+        model = arms.pop("torchao_int4")[0]
+        fq = a.ppl(model)  # torchao's own fake-quant numerics
+        exported = load_model(a.model)  # its trained weights on the GPTQ grid qft writes
+        exported.load_state_dict(model.state_dict(), strict=False)
+        del model
+        prepare(exported, qat_config(4, a.group_size))
+        convert(exported)
+        ppl_exported = a.ppl(exported)
+        ref = res.get("int4", {})
         res["torchao"]["int4"] = {
-            "ptq_ppl": ptq_g, "qft_qat_ppl": qft_g, "torchao_fake_quant_ppl": fq, "torchao_exported_ppl": exported,
-            "qft_recovered": (ptq_g - qft_g) / (ptq_g - fp_ppl), "torchao_recovered": (ptq_g - exported) / (ptq_g - fp_ppl),
-            "qft_step_time_ratio": statistics.median(qft_times) / med,
-            "torchao_step_time_ratio": statistics.median(times) / med}
-        log(f"torchao int4 g{g}: {res['torchao']['int4']}")
-        del model, plain
+            "fake_quant_ppl": fq, "exported_ppl": ppl_exported,
+            "recovered": (ref["ptq_ppl"] - ppl_exported) / (ref["ptq_ppl"] - fp_ppl) if ref else None,
+            "step_time_ratio": med["torchao_int4"] / med["plain"]}
+        log(f"torchao int4 g{a.group_size}: {res['torchao']['int4']}")
     res["wall_s"] = time.perf_counter() - t_start
     res["peak_rss_mb"] = rss_mb()
 
-    print(f"\n{'bits':>4} {'fp_ppl':>8} {'ptq_ppl':>8} {'qat_ppl':>8} {'recovered':>9} {'step_ratio':>10}")
+    print(f"\n{'arm':>14} {'fp':>8} {'PTQ RTN':>8} {'PTQ GPTQ':>9} {'QAT':>8} {'recovered':>9} {'vs GPTQ':>8} {'step x':>7}")
     for bits in a.bits:
         r = res[f"int{bits}"]
-        print(f"{bits:>4} {r['fp_ppl']:8.3f} {r['ptq_ppl']:8.3f} {r['qat_ppl']:8.3f} {r['recovered']:9.3f} "
-              f"{r['step_time_ratio']:10.3f}")
+        print(f"{'qft int' + str(bits):>14} {r['fp_ppl']:8.3f} {r['ptq_ppl']:8.3f} {r['ptq_gptq_ppl']:9.3f} "
+              f"{r['qat_ppl']:8.3f} {r['recovered']:9.3f} {r['recovered_vs_gptq']:8.3f} {r['step_time_ratio']:7.3f}")
     t = res["torchao"]
+    if "int4" in t:
+        r = t["int4"]
+        print(f"{'torchao int4':>14} {fp_ppl:8.3f} {res['int4']['ptq_ppl']:8.3f} {res['int4']['ptq_gptq_ppl']:9.3f} "
+              f"{r['exported_ppl']:8.3f} {r['recovered']:9.3f} {'':>8} {r['step_time_ratio']:7.3f}"
+              f"   (torchao fake-quant ppl {r['fake_quant_ppl']:.3f})")
     if "fake_quant_op_ms" in t:
         print(f"int4 g{t['group_size']} weight fake-quant fwd+bwd: qft {t['fake_quant_op_ms']['qft']:.2f} ms, torchao "
               f"{t['fake_quant_op_ms']['torchao']:.2f} ms ({t['fake_quant_op_speedup']:.2f}x)")
-    if "int4" in t:
-        r = t["int4"]
-        print(f"int4 g{t['group_size']}: PTQ {r['ptq_ppl']:.3f}, qft QAT {r['qft_qat_ppl']:.3f} (step ratio "
-              f"{r['qft_step_time_ratio']:.3f}), torchao QAT exported {r['torchao_exported_ppl']:.3f} "
-              f"(fake-quant {r['torchao_fake_quant_ppl']:.3f}, step ratio {r['torchao_step_time_ratio']:.3f})")
     print(f"wall {res['wall_s']:.0f}s, peak RSS {res['peak_rss_mb']:.0f} MB")
+    res["config"].pop("ppl", None)
     _write(out, res)
 
 
