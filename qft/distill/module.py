@@ -40,7 +40,9 @@ class DistillationModule(CausalLMModule):
         - ``__init__``: validates ``distill`` (unknown loss, kd_ratio outside [0, 1], temperature <= 0,
           a missing teacher all fail here) and the student arguments; loads nothing.
         - ``on_fit_start``: a ``self`` teacher needs adapters or fake-quant layers in the student (else
-          it is the student itself); checked here, after every callback changed the model.
+          it is the student itself); checked here, after every callback changed the model. A student
+          that trains its own base weights (full fine-tune QAT) gets a frozen fp32 copy of its source
+          model (``model``) as teacher here, since its live weights would drift with it.
         - ``configure_model``: builds the student (and runs QAT/PRILoRA hooks) via ``CausalLMModule``,
           then loads a named teacher (frozen, eval, own dtype/device, optionally NF4), checks that the
           vocab sizes agree (or ``vocab_slice``), and builds the hidden-state projections, if any.
@@ -75,7 +77,7 @@ class DistillationModule(CausalLMModule):
     def on_fit_start(self) -> None:
         """Refuse a self-teacher that would be the student itself before the first step, not at it."""
         if self.teacher.is_self:
-            self.teacher.check_self(self.model)
+            self.teacher.check_self(self)
 
     def kd_ratio_now(self) -> float:
         cfg, total = self.distill_cfg, None

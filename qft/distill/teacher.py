@@ -10,9 +10,16 @@ Self-teacher (``teacher="self"``)
 The teacher pass runs the student's own model with every LoRA adapter off and fake quantization off,
 through ``qft.layers.adapters_disabled`` and ``qft.layers.fake_quant_disabled`` (the layer protocol
 every qft layer kind answers: peft LoRA, QAT's merged-LoRA layers, fake-quant switches), in eval mode
-(each module's own training flag is restored afterwards), under ``no_grad``. With a QAT student this
-is quantization-aware distillation from the fp model; with an NF4 QLoRA student the teacher is the
-NF4 base. No second copy of the weights exists.
+(each module's own training flag is restored afterwards), under ``no_grad``. With a QAT student on
+adapters this is quantization-aware distillation from the fp model; with an NF4 QLoRA student the
+teacher is the NF4 base. No second copy of the weights exists.
+
+A student that trains its own base weights (full fine-tune QAT: ``qft.layers.base_trainable``) cannot
+be its own teacher: its fp weights move with every step, so the teacher would drift with the student
+and KD would anchor nothing. Measured: KD-only QAT of SmolLM2-135M from its live weights collapsed to
+held-out perplexity 18,783 after 200 steps (BENCHMARKS.md, "Distillation"). Such a student gets a frozen
+fp32 copy of the model it started from instead, loaded again from its source (``hparams.model``), so a
+resumed run gets the very same teacher.
 """
 from __future__ import annotations
 
@@ -22,8 +29,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from qft.layers import FAKE_QUANT_FLAG, QAT_BUFFER, adapter_holders, adapters_disabled, fake_quant_disabled, \
-    fake_quant_switches
+from qft.layers import FAKE_QUANT_FLAG, QAT_BUFFER, adapter_holders, adapters_disabled, base_trainable, \
+    fake_quant_disabled, fake_quant_switches, linear_layers
 
 DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,19 +73,23 @@ class Teacher:
     def build(self, student_module) -> None:
         if self.is_self or self.model is not None:
             return
+        self.model = self._load(self.cfg.teacher, self.cfg.teacher_seed)
+        self.check_vocab(student_module.model)
+
+    def _load(self, name: str, seed: int) -> nn.Module:
+        """A frozen teacher in eval mode, in the configured dtype (optionally NF4)."""
         from .. import models
         from ..qlora import quantize_nf4
 
         cfg = self.cfg
         dtype = DTYPES[cfg.teacher_dtype]
-        model = models.load_model(cfg.teacher, dtype=torch.float32 if cfg.teacher_quantization != "none" else dtype,
-                                  seed=cfg.teacher_seed)
+        model = models.load_model(name, dtype=torch.float32 if cfg.teacher_quantization != "none" else dtype,
+                                  seed=seed)
         if cfg.teacher_quantization != "none":
             quantize_nf4(model, double_quant=cfg.teacher_quantization == "nf4-dq", compute_dtype=dtype)
         model.eval()
         model.requires_grad_(False)
-        self.model = model
-        self.check_vocab(student_module.model)
+        return model
 
     def check_vocab(self, student: nn.Module) -> None:
         """A teacher/student vocab size mismatch is an error unless ``vocab_slice=True``."""
@@ -95,22 +106,37 @@ class Teacher:
     def _device(self, student_device: torch.device) -> torch.device:
         return torch.device(self.cfg.teacher_device) if self.cfg.teacher_device else student_device
 
-    def check_self(self, model: nn.Module) -> None:
+    def check_self(self, student_module) -> None:
+        """Refuse a self-teacher that would be the student itself; give a student that trains its own base
+        weights a frozen copy of the model it started from (``hparams.model``, same seed) as teacher (see
+        the module docstring)."""
         if self._checked_self:
             return
+        model = student_module.model
+        hp = getattr(student_module, "hparams", None)
+        source = getattr(hp, "model", None) if hp is not None else None
         if not adapter_holders(model) and not fake_quant_switches(model):
             raise ValueError("DistillConfig(teacher='self'): the student has neither peft adapters nor fake-quant "
                              f"layers (a bool `{FAKE_QUANT_FLAG}` or a `{QAT_BUFFER}` buffer), so its 'fp teacher' "
                              "would be the student itself and KD would teach nothing. Hint: use adapter='lora', add "
                              "qft.qat.QATCallback, or name a teacher model.")
+        moving = [n for n, m in linear_layers(model).items() if base_trainable(m)]
+        if moving and self.model is None:
+            if source is None:
+                raise ValueError(f"DistillConfig(teacher='self'): the student trains its own base weights ({len(moving)} "
+                                 f"layers, e.g. {moving[0]!r}), so as its own teacher it would drift with every step, "
+                                 "and qft does not know which model it started from. Hint: name the teacher, e.g. "
+                                 "teacher='smollm2-135m', or freeze the base and train adapters.")
+            self.model = self._load(source, int(getattr(hp, "seed", 0) or 0))
         self._checked_self = True
 
     def forward(self, student_module, batch: dict, hidden: bool = False):
         """Teacher logits (and hidden states if ``hidden``) for ``batch``, on the student's device."""
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         if self.is_self:
+            self.check_self(student_module)
+        if self.is_self and self.model is None:
             model = student_module.model
-            self.check_self(model)
             with self_teacher_mode(model):
                 out = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
             return out.logits.detach(), (out.hidden_states if hidden else None)
