@@ -11,8 +11,9 @@ order with the same optimizer and learning rate for ``--steps`` steps, and diffe
 
 - ``qat``: ``CausalLMModule``, cross-entropy on the data;
 - ``qad``: ``DistillationModule(teacher='self', kd_ratio=r)`` for each ``r`` in ``--kd-ratio`` (a comma
-  list; arm ``qad`` for 1.0, ``qad_kd0.5`` etc. for the others): the fp teacher is the very same model
-  with fake-quant switched off (no second copy of the weights).
+  list; arm ``qad`` for 1.0, ``qad_kd0.5`` etc. for the others). This student trains its own weights, so
+  ``teacher='self'`` is a frozen fp32 copy of the model it started from (``qft.distill.teacher``); before
+  that fix the teacher was the student's own drifting fp weights, and KD-only QAT collapsed.
 
 Held-out figures use the first ``--eval-windows`` windows of ``--seq-len`` tokens of the held-out split,
 in fp32 (no autocast): perplexity and the mean per-token forward KL(fp || model) to the untouched fp

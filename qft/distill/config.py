@@ -31,7 +31,8 @@ class DistillConfig:
 
     teacher: Optional[str] = field(default=None, metadata={
         "help": "'self' (the student's own base with adapters and fake-quant switched off: QAD/self-distillation "
-                "without a second copy of the weights) or a model name/path (frozen, eval, no grad). Required."})
+                "without a second copy of the weights; a student that trains its base weights gets a frozen copy of "
+                "the model it started from instead) or a model name/path (frozen, eval, no grad). Required."})
     loss: str = field(default="forward_kl", metadata={"help": f"Divergence, one of {list(LOSSES)}."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T > 0; the loss is scaled by T^2."})
     beta: float = field(default=0.5, metadata={
