@@ -80,6 +80,7 @@ def _adalora_module(spec):
 
             hp = self.hparams
             self.model = models.load_model(hp.model, dtype=torch.float32, seed=hp.seed)
+            self.model.set_attn_implementation(hp.attention)  # as CausalLMModule does
             self.tokenizer = models.load_tokenizer(hp.model)
             quantize_nf4(self.model, double_quant=hp.quantization == "nf4-dq", compute_dtype=self.compute_dtype)
             cfg = AdaLoraConfig(init_r=spec["r_end"], target_r=spec["lora_r"], lora_alpha=2 * spec["r_end"],
@@ -157,7 +158,8 @@ def run_worker(spec: dict) -> dict:
     pl.seed_everything(spec["seed"], verbose=False)
     method, task = spec["method"], spec["task"]
     common = dict(model=spec["model"], quantization=spec["quantization"], adapter="lora", lora_r=spec["lora_r"],
-                  lora_alpha=2.0 * spec["lora_r"], lr=spec["lr"], seed=spec["seed"], warmup_steps=spec["warmup"])
+                  lora_alpha=2.0 * spec["lora_r"], lr=spec["lr"], seed=spec["seed"], warmup_steps=spec["warmup"],
+                  attention=spec["attention"])
     module = _adalora_module(spec)(**common) if method == "adalora" else CausalLMModule(**common)
     callbacks, prilora = [], None
     if method.startswith("prilora"):
@@ -351,6 +353,8 @@ def main(argv=None):
     p.add_argument("--interval", type=int, default=None, help="pruning / AdaLoRA allocation interval (default steps//12)")
     p.add_argument("--num-eval", type=int, default=64, help="held-out synthetic problems for eval loss and accuracy")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--attention", default="eager", choices=["eager", "sdpa"],
+                   help="eager is the faster one on this CPU for short chats (qft.demo)")
     args = p.parse_args(argv)
 
     if args.worker:
@@ -379,7 +383,7 @@ def main(argv=None):
                 final_sparsity=args.final_sparsity, interval=interval,
                 prune_start_step=max(1, int(args.prune_start * args.steps)),
                 prune_end_step=min(args.steps - 1, int(args.prune_end * args.steps)),
-                num_eval=args.num_eval, threads=args.threads)
+                num_eval=args.num_eval, threads=args.threads, attention=args.attention)
     runs_dir = out.parent / f"{out.name}.runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
