@@ -114,7 +114,7 @@ class Teacher:
             return
         model = student_module.model
         hp = getattr(student_module, "hparams", None)
-        source = getattr(hp, "model", None) if hp is not None else None
+        source = getattr(hp, "model", None)
         if not adapter_holders(model) and not fake_quant_switches(model):
             raise ValueError("DistillConfig(teacher='self'): the student has neither peft adapters nor fake-quant "
                              f"layers (a bool `{FAKE_QUANT_FLAG}` or a `{QAT_BUFFER}` buffer), so its 'fp teacher' "

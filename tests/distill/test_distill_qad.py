@@ -4,7 +4,7 @@ import pytorch_lightning as pl
 import torch
 
 from qft.distill import DistillationModule
-from qft.layers import fake_quant_switches as fake_quant_modules
+from qft.layers import fake_quant_disabled, fake_quant_switches as fake_quant_modules
 
 qat = pytest.importorskip("qft.qat")
 from qft.quant import QuantScheme  # noqa: E402
@@ -82,7 +82,7 @@ def test_full_finetune_self_teacher_stays_the_starting_model(token_batches):
     start = load_model("tiny-llama", seed=3)  # the student's own seed, not the teacher_seed
     with torch.no_grad():
         expected = start(input_ids=b["input_ids"]).logits
-        with qat_off(m.model):
+        with fake_quant_disabled(m.model):
             drifted = m.model(input_ids=b["input_ids"]).logits
     t_logits, _ = m.teacher.forward(m, b)
     torch.testing.assert_close(t_logits, expected)
@@ -99,9 +99,3 @@ def test_self_teacher_without_a_source_is_refused_for_a_full_finetune():
     _prepared(m)
     with pytest.raises(ValueError, match="trains its own base weights.*name the teacher"):
         Teacher(DistillConfig(teacher="self")).check_self(SimpleNamespace(model=m.model, hparams=SimpleNamespace()))
-
-
-def qat_off(model):
-    from qft.layers import fake_quant_disabled
-
-    return fake_quant_disabled(model)
