@@ -23,7 +23,8 @@ characters, data README), first ``--eval-tokens`` tokens in ``--seq-len`` window
 
 torchao is optional and never a qft dependency: ``make torchao`` installs it (``--no-deps``) into
 ``.venv-torchao/``, which this script puts on ``sys.path`` when present; without it the arm is skipped and
-the JSON says why. ``--micro-only`` runs only the interleaved fake-quant micro-benchmark (qft vs torchao).
+the JSON says why. ``--micro-only`` runs only the interleaved fake-quant micro-benchmark (qft vs torchao);
+``--step-time-only`` only the lockstep training, for the step-time ratios.
 """
 from __future__ import annotations
 
@@ -207,6 +208,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--micro-only", action="store_true", help="only the qft-vs-torchao fake-quant micro-benchmark")
+    p.add_argument("--step-time-only", action="store_true",
+                   help="only the lockstep training (step times and their ratios to plain); no evaluation or PTQ")
     a = p.parse_args(argv)
     out = Path(a.out)
     if out.exists():
@@ -261,6 +264,13 @@ def main(argv=None):
     res["step_s"] = med
     res["step_times_s"] = run["times"]
     res["train_loss_last10"] = {k: statistics.mean(v[-10:]) for k, v in run["losses"].items()}
+    res["step_time_ratio"] = {k: v / med["plain"] for k, v in med.items() if k != "plain"}
+    log("step time vs plain (median of interleaved steps): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in res["step_time_ratio"].items()))
+    if a.step_time_only:
+        res["wall_s"] = time.perf_counter() - t_start
+        _write(out, res)
+        return
     plain = arms.pop("plain")[0]
     fp_ppl = res["fp_ppl"] = a.ppl(plain)
     log(f"plain: fp ppl {fp_ppl:.3f}, median step {med['plain']:.2f}s")
