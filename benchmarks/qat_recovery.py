@@ -209,7 +209,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--micro-only", action="store_true", help="only the qft-vs-torchao fake-quant micro-benchmark")
     p.add_argument("--step-time-only", action="store_true",
-                   help="only the lockstep training (step times and their ratios to plain); no PTQ, no evaluation after it")
+                   help="only the lockstep training (step times and their ratios to plain); "
+                        "no PTQ, no evaluation after it")
     a = p.parse_args(argv)
     out = Path(a.out)
     if out.exists():
