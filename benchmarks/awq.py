@@ -156,10 +156,9 @@ def main():
     if res.get("anchor") and "awq_ppl" in res:
         res["awq_ppl_over_anchor"] = res["awq_ppl"] / res["anchor"]["ppl"]
         res["awq_time_over_anchor"] = res["awq_s"] / res["anchor"]["s"]
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(a.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, a.out)
+    from result_file import write_result
+
+    write_result(a.out, res, replace=a.force)
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=2))
 
 

@@ -38,7 +38,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -287,10 +286,9 @@ def main():
     print("\n| metric | value |\n|---|---|")
     for k, v in res.items():
         print(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    fd, tmp = tempfile.mkstemp(prefix=".distill-", suffix=".json", dir=out.parent.resolve())
-    with os.fdopen(fd, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, out)
+    from result_file import write_result
+
+    write_result(out, res, replace=args.overwrite)
     print(f"wrote {out}")
 
 

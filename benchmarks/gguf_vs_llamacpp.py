@@ -171,10 +171,9 @@ def main():
 
         res["finetuned"] = {"steps": a.finetune_steps, "finetune_s": round(time.perf_counter() - t0, 1),
                             **compare("finetuned", load_ft, ev, calib, work, a.quants, source, a.method)}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(a.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, a.out)
+    from result_file import write_result
+
+    write_result(a.out, res, replace=a.force)
     print(json.dumps(res, indent=2))
 
 

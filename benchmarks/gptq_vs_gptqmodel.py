@@ -275,9 +275,9 @@ def main():
         print(f"{g:>6} {result['fp_ppl']:>7.2f} {f('rtn_ppl'):>7} {f('qft_ppl'):>7} {f('gptqmodel_ppl'):>7} "
               f"{f('qft_s', '.1f'):>7} {f('gptqmodel_s', '.1f'):>8} {f('qft_s_over_gptqmodel_s'):>8} "
               f"{f('qft_s_over_forward'):>6} {f('qft_peak_rss_mb', '.0f'):>7} {f('gptqmodel_peak_rss_mb', '.0f'):>8}")
-    tmp = Path(a.out).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, a.out)
+    from result_file import write_result
+
+    write_result(a.out, result, replace=a.force)
     if not a.keep:
         shutil.rmtree(workdir, ignore_errors=True)
 

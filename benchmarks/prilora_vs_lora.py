@@ -398,13 +398,9 @@ def main(argv=None):
                                 total_wall_s=time.time() - t_start,
                                 finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))}
     print(table(summary))
-    fd, tmp_out = tempfile.mkstemp(prefix=".prilora-bench-", suffix=".json", dir=out.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=2)
-    if out.exists():
-        os.unlink(tmp_out)
-        raise SystemExit(f"{out} appeared while the benchmark ran; result left unwritten.")
-    os.replace(tmp_out, out)
+    from result_file import write_result
+
+    write_result(out, results)
     print(f"wrote {out}")
     return 0
 

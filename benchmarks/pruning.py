@@ -267,10 +267,9 @@ def main():
         res["sparsegpt_int4_time_over_gptq"] = res["sparsegpt_int4_s"] / res["gptq_s"]
     if not a.skip_speed:
         res["speed"] = speed()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(a.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, a.out)
+    from result_file import write_result
+
+    write_result(a.out, res, replace=a.force)
     print(json.dumps({k: v for k, v in res.items() if k not in ("rows", "speed")}, indent=2))
 
 

@@ -29,12 +29,9 @@ the JSON says why. ``--micro-only`` runs only the interleaved fake-quant micro-b
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -189,6 +186,8 @@ def ptq(trained_state, a, bits, calib, log) -> dict:
 
 
 def main(argv=None):
+    from result_file import write_result
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON result file (refuses to overwrite)")
     p.add_argument("--model", default="smollm2-135m")
@@ -238,7 +237,7 @@ def main(argv=None):
                           "fake_quant_op_speedup": micro["torchao"] / micro["qft"], "grid_vs_gptq_export": grid}
         log(f"fake-quant fwd+bwd (4 shapes): qft {micro['qft']:.2f} ms, torchao {micro['torchao']:.2f} ms")
         if a.micro_only:
-            _write(out, res)
+            write_result(out, res)
             return
     else:
         res["torchao"] = {"skipped": why}
@@ -270,7 +269,7 @@ def main(argv=None):
         + ", ".join(f"{k} {v:.3f}" for k, v in res["step_time_ratio"].items()))
     if a.step_time_only:
         res["wall_s"] = time.perf_counter() - t_start
-        _write(out, res)
+        write_result(out, res)
         return
     plain = arms.pop("plain")[0]
     fp_ppl = res["fp_ppl"] = a.ppl(plain)
@@ -333,15 +332,7 @@ def main(argv=None):
               f"{t['fake_quant_op_ms']['torchao']:.2f} ms ({t['fake_quant_op_speedup']:.2f}x)")
     print(f"wall {res['wall_s']:.0f}s, peak RSS {res['peak_rss_mb']:.0f} MB")
     res["config"].pop("ppl", None)
-    _write(out, res)
-
-
-def _write(out: Path, res: dict) -> None:
-    """Write to a temporary sibling, then rename (never a half-written result)."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, out)
+    write_result(out, res)
 
 
 if __name__ == "__main__":

@@ -246,9 +246,9 @@ def main():
               f"{m['w8a8_int8']['prefill_tokens_per_s']:.0f}; decode bf16 {m['bf16']['decode_tokens_per_s']:.1f} "
               f"w8a8 {m['w8a8_int8']['decode_tokens_per_s']:.1f}", flush=True)
     res["wall_s"] = time.perf_counter() - t_start
-    tmp = Path(a.out).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp, a.out)
+    from result_file import write_result
+
+    write_result(a.out, res, replace=a.force)
 
 
 if __name__ == "__main__":

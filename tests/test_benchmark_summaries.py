@@ -1,5 +1,6 @@
-"""The benchmark scripts' aggregation math: the figures BENCHMARKS.md quotes come from these functions."""
+"""The benchmark scripts' aggregation math (the figures BENCHMARKS.md quotes come from these functions) and how they write results."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,21 @@ def test_prilora_cli_refuses_bad_lists(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--out", str(tmp_path / "r.json"), "--methods", "lora,dora"])
     assert "--methods" in capsys.readouterr().err
+
+
+def test_result_file_writes_whole_files_and_never_replaces_unasked(tmp_path):
+    write_result = _load("result_file").write_result
+    out = tmp_path / "sub" / "r.json"
+    write_result(out, {"ppl": 1.5})
+    assert json.loads(out.read_text()) == {"ppl": 1.5}
+    with pytest.raises(SystemExit, match="appeared while the benchmark ran") as err:
+        write_result(out, {"ppl": 2.0})
+    kept = Path(str(err.value).rsplit(" in ", 1)[1].rstrip("."))
+    assert json.loads(kept.read_text()) == {"ppl": 2.0}  # this run's figures are not lost
+    assert json.loads(out.read_text()) == {"ppl": 1.5}  # nor the recorded ones
+    kept.unlink()
+    write_result(out, {"ppl": 3.0}, replace=True)
+    assert json.loads(out.read_text()) == {"ppl": 3.0}
+    with pytest.raises(TypeError):
+        write_result(tmp_path / "bad.json", {"x": object()})
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["r.json", "sub"]  # no temporary left behind
