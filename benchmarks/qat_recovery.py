@@ -292,7 +292,7 @@ def main(argv=None):
              "qat_ppl": qat_ppl,
              "recovered": (base["rtn"] - qat_ppl) / (base["rtn"] - fp_ppl),
              "recovered_vs_gptq": (base["gptq"] - qat_ppl) / (base["gptq"] - fp_ppl),
-             "step_time_ratio": med[f"qat_int{bits}"] / med["plain"], "convert_max_abs_logit_diff": diff,
+             "step_time_ratio": res["step_time_ratio"][f"qat_int{bits}"], "convert_max_abs_logit_diff": diff,
              "scheme": scheme_for(bits, a.group_size).to_dict()}
         res[f"int{bits}"] = r
         log(f"QAT int{bits}: ppl {qat_ppl:.3f}, recovered {r['recovered']:.3f} (vs GPTQ {r['recovered_vs_gptq']:.3f}), "
@@ -311,7 +311,7 @@ def main(argv=None):
         res["torchao"]["int4"] = {
             "fake_quant_ppl": fq, "exported_ppl": ppl_exported,
             "recovered": (ref["ptq_ppl"] - ppl_exported) / (ref["ptq_ppl"] - fp_ppl) if ref else None,
-            "step_time_ratio": med["torchao_int4"] / med["plain"]}
+            "step_time_ratio": res["step_time_ratio"]["torchao_int4"]}
         log(f"torchao int4 g{a.group_size}: {res['torchao']['int4']}")
     res["wall_s"] = time.perf_counter() - t_start
     res["peak_rss_mb"] = rss_mb()

@@ -1,4 +1,5 @@
-"""The benchmark scripts' aggregation math (the figures BENCHMARKS.md quotes come from these functions) and how they write results."""
+"""The benchmark scripts' aggregation math (the figures BENCHMARKS.md quotes come from these functions) and
+how they write their results."""
 import importlib.util
 import json
 from pathlib import Path
@@ -58,3 +59,17 @@ def test_result_file_writes_whole_files_and_never_replaces_unasked(tmp_path):
     with pytest.raises(TypeError):
         write_result(tmp_path / "bad.json", {"x": object()})
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["r.json", "sub"]  # no temporary left behind
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").is_file(),
+                    reason="needs ../shared/data/tinyshakespeare.txt (the reference data)")
+def test_qat_recovery_step_time_only_trains_in_lockstep_and_stops_before_ptq(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as `python benchmarks/qat_recovery.py` has it
+    out = tmp_path / "steps.json"
+    _load("qat_recovery").main(["--out", str(out), "--model", "tiny-llama", "--steps", "2", "--batch-size", "1",
+                                "--seq-len", "32", "--eval-tokens", "32", "--torchao", "off", "--step-time-only"])
+    res = json.loads(out.read_text())
+    assert {k: len(v) for k, v in res["step_times_s"].items()} == {"plain": 2, "qat_int4": 2, "qat_int3": 2}
+    for arm in ("qat_int4", "qat_int3"):
+        assert res["step_time_ratio"][arm] == pytest.approx(res["step_s"][arm] / res["step_s"]["plain"])
+    assert "fp_ppl" not in res and "int4" not in res  # no evaluation or PTQ after the training
