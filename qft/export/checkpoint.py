@@ -129,9 +129,28 @@ def sparsity_config(cfg: GPTQConfig, quantized: dict) -> dict:
             "ignore": ["lm_head"], "quantizer": f"qft:{qft_version()}"}
 
 
-def default_save_dtype(model) -> torch.dtype:
-    dt = next(model.parameters()).dtype
-    return torch.float16 if dt == torch.float32 else dt
+def write_checked(write, candidates: list[torch.dtype], what: str, summary: dict | None = None) -> Path:
+    """``write(dtype)`` in the first of ``candidates`` whose written checkpoint passes its last check
+    (``qft.export.verify``, run by ``write`` before the rename); returns the directory. With one candidate
+    (an explicit ``save_dtype``) a failed check is the refusal. ``summary`` (written by ``write``) gets
+    ``save_dtype`` and, for the dtypes that failed before it, ``save_dtypes_refused``."""
+    from .verify import ExportCheckError
+
+    failures = []
+    for dtype in candidates:
+        if summary is not None:
+            summary["save_dtype"] = str(dtype).replace("torch.", "")
+            if failures:
+                summary["save_dtypes_refused"] = {str(d).replace("torch.", ""): str(e) for d, e in failures}
+        try:
+            return write(dtype)
+        except ExportCheckError as e:
+            failures.append((dtype, e))
+    if len(failures) == 1:
+        raise failures[0][1]
+    tried = ", ".join(str(d).replace("torch.", "") for d, _ in failures)
+    raise ExportCheckError(f"{what}: no dtype passed the check ({tried}). The last: {failures[-1][1]}",
+                           nonfinite=all(e.nonfinite for _, e in failures))
 
 
 def packed_layer(name: str, qw: QuantizedWeight, bias, dtype: torch.dtype, fmt: str = "gptq") -> dict:
@@ -206,9 +225,11 @@ class CheckpointWriter:
         self.weight_map.update({k: name for k in tensors})
 
     def finish(self, model, qconfig: dict | None, dtype: torch.dtype, tokenizer=None, report_rows=None,
-               extra_files: dict | None = None, extra_config: dict | None = None) -> Path:
+               extra_files: dict | None = None, extra_config: dict | None = None, verify=None) -> Path:
         """``qconfig``: the ``quantization_config`` of ``config.json`` (GPTQ's: ``quantization_config(cfg)``;
-        None for floating-point weights); ``extra_config``: more ``config.json`` keys (``sparsity_config``)."""
+        None for floating-point weights); ``extra_config``: more ``config.json`` keys (``sparsity_config``).
+        ``verify(work_dir)``: the last check (``qft.export.verify``), run on the written files before the
+        rename; what it returns goes into ``qft_export.json`` as ``check``, what it raises stops the export."""
         tmp = self.tmp
         if self.n_shards > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
@@ -233,6 +254,11 @@ class CheckpointWriter:
             from .report import write_report
 
             write_report(report_rows, tmp)
+        if verify is not None:
+            found = verify(tmp)
+            summary = (extra_files or {}).get("qft_export.json")
+            if isinstance(summary, dict):
+                summary["check"] = found
         for name, payload in (extra_files or {}).items():
             (tmp / name).write_text(payload if isinstance(payload, str) else json.dumps(payload, indent=2))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
@@ -245,18 +271,46 @@ class CheckpointWriter:
 
 def save_quantized(model, quantized: dict[str, QuantizedWeight], cfg: GPTQConfig, output_dir, tokenizer=None,
                    overwrite: bool = False, dtype: torch.dtype | None = None, report_rows: list | None = None,
-                   extra_files: dict | None = None) -> Path:
-    """Write the checkpoint atomically (one shard); returns the final directory."""
-    writer = CheckpointWriter(output_dir, overwrite)
-    dtype = dtype or default_save_dtype(model)
+                   extra_files: dict | None = None, verify=None) -> Path:
+    """Write the checkpoint atomically (one shard); returns the final directory.
+
+    ``dtype``: of the tensors left in floating point; None picks one the model runs correctly in
+    (``qft.export.dtype``). ``verify(work_dir, dtype)``: the last check before the rename
+    (``qft.export.verify``); by default, the checkpoint loaded back must compute what ``model`` (its
+    weights now on the grid) computes."""
+    from .load import load_quantized
+
     qconfig = None if cfg.checkpoint_format == "dense" else quantization_config(cfg)
     extra = {"sparsity_config": sparsity_config(cfg, quantized)} if cfg.pruning else None
-    try:
-        writer.add(quantized_state_dict(model, quantized, dtype, cfg.checkpoint_format))
-        return writer.finish(model, qconfig, dtype, tokenizer, report_rows, extra_files, extra)
-    except BaseException:
-        writer.abort()
-        raise
+    verify = verify or _same_as(model, tokenizer, load_quantized, "save_quantized")
+
+    def write(d):
+        writer = CheckpointWriter(output_dir, overwrite)
+        try:
+            writer.add(quantized_state_dict(model, quantized, d, cfg.checkpoint_format))
+            return writer.finish(model, qconfig, d, tokenizer, report_rows, extra_files, extra,
+                                 lambda tmp: verify(tmp, d))
+        except BaseException:
+            writer.abort()
+            raise
+
+    return write_checked(write, _candidates(model, dtype), "save_quantized", (extra_files or {}).get("qft_export.json"))
+
+
+def _candidates(model, dtype: torch.dtype | None) -> list[torch.dtype]:
+    from .dtype import save_candidates
+
+    if dtype is not None:
+        return [dtype]
+    return save_candidates("auto", model.config, next(model.parameters()).device, next(model.parameters()).dtype)
+
+
+def _same_as(model, tokenizer, load, what: str):
+    """The default last check of a low-level save: the file, loaded back, computes what ``model`` does."""
+    from .verify import Reference, check_tokens, check_written, kl_limit
+
+    ref = Reference(model, check_tokens(None, tokenizer, model.config.vocab_size))
+    return lambda tmp, d: check_written(load(tmp, dtype=d), ref, kl_limit(8), what, d)
 
 
 def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:

@@ -14,6 +14,11 @@ What it does not do (the in-memory export does): keep or refine QAT-learned grid
 run are merged and solved afresh), anchor general text to the base (``general_target="base"``), measure
 drift against the trained model, or hand the work to GPTQModel.
 
+Its last check (``qft.export.verify``) compares the written checkpoint with the merged model, which one
+more pass streams block by block over the check batch before the solve. That pass also picks
+``save_dtype="auto"``: the blocks are written as they are solved and cannot be rewritten, so float16 is
+chosen only if every activation of the check batch stays below half its range (else bf16).
+
 Lifecycle: ``export_layerwise`` validates its arguments and the output directory before reading any
 weight; a failure removes the work directory, and a SIGKILL leaves it for the next export to clean up.
 """
@@ -31,10 +36,15 @@ from qft.tensor_stream import TensorFiles, place
 
 from .blocks import block_linears, find_decoder_blocks
 from .checkpoint import CheckpointWriter, check_output_dir, packed_layer, plain_tensors, quantization_config
+from .load import load_quantized
 from .config import GPTQConfig
+from .dtype import check_dtype_name, save_candidates
 from .merge import check_merge_into
 from .offload import check_offload
 from .sequential import quantize_model
+from .verify import Reference, check_tokens, check_written, kl_limit
+
+FP16_HEADROOM = 65504 / 2  # the layer-wise export's float16 choice: activations below half its range
 
 NF4_BASES = ("none", "nf4", "nf4-dq")
 
@@ -88,13 +98,12 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
     """
     from transformers import AutoConfig
 
-    from .pipeline import DTYPES, resolve_dtype
+    from .pipeline import resolve_dtype
 
     if base_quantization not in NF4_BASES:
         raise ValueError(f"export_layerwise(base_quantization={base_quantization!r}): allowed {list(NF4_BASES)}.")
     merge_into = check_merge_into(merge_into)
-    if save_dtype not in DTYPES:
-        raise ValueError(f"export_layerwise(save_dtype={save_dtype!r}) is unknown; allowed: {list(DTYPES)}.")
+    check_dtype_name(save_dtype, "save_dtype", "export_layerwise")
     if cfg.method == "gptq" and tokens is None:
         raise ValueError("export_layerwise: GPTQ needs calibration tokens (or method='rtn').")
     if cfg.pruning:
@@ -109,7 +118,6 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
     config = AutoConfig.from_pretrained(model_dir)
     device = torch.device(device or "cpu")
     compute = resolve_dtype(dtype, device) if cfg.method == "gptq" else torch.float32
-    save = DTYPES[save_dtype] or (torch.float16 if compute == torch.float32 else compute)
     t0 = time.perf_counter()
     model = _skeleton(config, compute)
     prefix, blocks = find_decoder_blocks(model)
@@ -152,7 +160,13 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
         writer.add(shard)
         block.to("meta")  # frees the block's weights (quantize_model then trims the heap: qft.memory)
 
+    save = None
     try:
+        ref, peak = _streamed_reference(model, blocks, load_block, check_tokens(tokens, tokenizer, config.vocab_size))
+        candidates = save_candidates(save_dtype, config, device, compute)
+        if save_dtype == "auto" and peak >= FP16_HEADROOM:
+            candidates = [d for d in candidates if d != torch.float16]
+        save = candidates[0]
         _, rows = quantize_model(model, cfg, tokens, device=device, progress=progress, reuse_outputs=reuse_outputs,
                                  load_block=load_block, release_block=release_block,
                                  calibration_offload=calibration_offload)
@@ -161,13 +175,40 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
         summary = {"layerwise": True, "blocks": len(blocks), "merge_into": merge_into, "adapters": len(deltas),
                    "base_quantization": base_quantization, "config": cfg.to_dict(), "dtype": str(compute)[6:],
                    "calibration": None if tokens is None else list(tokens.shape),
+                   "save_dtype": str(save).replace("torch.", ""), "check_batch_peak_activation": peak,
                    "seconds": time.perf_counter() - t0}
-        out = writer.finish(model, quantization_config(cfg), save, tokenizer, rows, {"qft_export.json": summary})
+        verify = lambda tmp: check_written(load_quantized(tmp, device, save), ref, kl_limit(cfg.bits), "export_layerwise",  # noqa: E731
+                                           save)
+        out = writer.finish(model, quantization_config(cfg), save, tokenizer, rows, {"qft_export.json": summary},
+                            verify=verify)
     except BaseException:
         writer.abort()
         raise
     summary["output_dir"] = str(out)
     return summary
+
+
+@torch.inference_mode()
+def _streamed_reference(model: nn.Module, blocks, load_block, tokens: torch.Tensor) -> tuple[Reference, float]:
+    """The merged model's answer on the check batch, each block loaded just before it runs and dropped
+    after, and the largest activation magnitude seen (for the float16 choice)."""
+    peak = [0.0]
+
+    def look(mod, args, out):
+        out = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+            peak[0] = max(peak[0], float(out.detach().abs().max()))
+
+    handles = [m.register_forward_hook(look) for m in model.modules()]
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(lambda m, a, i=i: load_block(i, m)))
+        handles.append(block.register_forward_hook(lambda m, a, o: m.to("meta") and None))
+    try:
+        ref = Reference(model, tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return ref, peak[0]
 
 
 def adapter_base(adapter_dir) -> tuple[str | None, str]:

@@ -49,9 +49,13 @@ def _awq_dequantized(sd: dict, group_size: int) -> dict:
 def load_quantized(path, device="cpu", dtype: torch.dtype | None = None):
     """The exported causal LM at ``path`` with ``GPTQLinear`` layers, in eval mode on ``device``.
 
-    ``dtype`` (default: the checkpoint's) is the dtype of the non-quantized weights and of the compute.
+    ``dtype`` is the dtype of the non-quantized weights and of the compute. By default, the one the
+    checkpoint declares; a float16 one whose logits are not finite on a probe batch runs in bf16 instead,
+    with a warning (``qft.export.dtype``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .dtype import checkpoint_dtype, loadable_dtype
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -60,9 +64,9 @@ def load_quantized(path, device="cpu", dtype: torch.dtype | None = None):
     qc = raw.get("quantization_config") or {}
     method = qc.get("quant_method")
     if method is None and raw.get("sparsity_config"):  # pruned, not rounded: a plain checkpoint with zeros
-        from transformers import AutoModelForCausalLM as _Auto
-
-        return _Auto.from_pretrained(str(path), dtype=dtype or "auto").to(device).eval()
+        chosen = dtype or checkpoint_dtype(path)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=chosen).to(device).eval()
+        return loadable_dtype(path, model, chosen, dtype is not None, lambda d: load_quantized(path, device, d))
     if method not in ("gptq", "awq"):
         raise ValueError(f"load_quantized({str(path)!r}): quantization_config.quant_method is {method!r}, expected "
                          "'gptq' or 'awq'.")
@@ -76,9 +80,7 @@ def load_quantized(path, device="cpu", dtype: torch.dtype | None = None):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     sd = _read_state_dict(path)
-    if dtype is None:
-        floats = [v.dtype for k, v in sd.items() if v.is_floating_point() and not k.endswith(".scales")]
-        dtype = floats[0] if floats else torch.float16
+    requested, dtype = dtype is not None, dtype or checkpoint_dtype(path, sd)
     if method == "awq":
         sd = _awq_dequantized(sd, group_size)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -97,4 +99,5 @@ def load_quantized(path, device="cpu", dtype: torch.dtype | None = None):
                            f"unexpected={unexpected[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return loadable_dtype(path, model, dtype, requested, lambda d: load_quantized(path, device, d))

@@ -28,14 +28,16 @@ from .blocks import check_model, find_decoder_blocks
 from .calibration import CalibrationError
 from .checkpoint import check_output_dir, save_quantized, work_dir, _swap_into_place
 from .config import GPTQConfig
+from .dtype import DTYPES, check_dtype_name
 from .merge import DEFAULT_MERGE_INTO, check_merge_into, drift, merge_adapters
+from .load import load_quantized
 from .offload import check_offload
 from .sequential import quantize_model
+from .verify import Reference, check_tokens, check_written, kl_limit
 
 QAT_GRIDS = ("keep", "refine", "resolve")
 GENERAL_TARGETS = ("trained", "base")
 BACKENDS = ("qft", "gptqmodel")
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def gptqmodel_available() -> bool:
@@ -177,7 +179,9 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     """Merge, quantize and write ``output_dir``; returns a summary (also saved as ``qft_export.json``).
 
     ``save_dtype`` is the dtype of the tensors that stay in floating point (embeddings, norms, head):
-    ``"auto"`` writes fp16 for an fp32 model (the GPTQ convention) and the compute dtype otherwise.
+    ``"auto"`` is one the model runs correctly in (``qft.export.dtype``: fp16 where one batch through the
+    written checkpoint stays finite and close, else bf16). Before the rename, the written checkpoint is
+    loaded as a user loads it and checked on one batch against the trained model (``qft.export.verify``).
     ``general_rows``: how many trailing rows of ``tokens`` are general text (``calibration_mix`` puts them
     last). ``qat_grid`` and ``general_target`` default (None) to the measured road (``road``).
     ``general_target`` is what the export reproduces on general rows: ``"trained"`` (the fine-tuned
@@ -194,8 +198,7 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     check_offload(calibration_offload, backend=backend)
     check_backend(backend)
     check_output_dir(output_dir, overwrite)
-    if save_dtype not in DTYPES:
-        raise ValueError(f"save_dtype={save_dtype!r} is unknown; allowed: {list(DTYPES)}.")
+    check_dtype_name(save_dtype)
     merge_into = check_merge_into(merge_into)
     qat_grid, general_target = road(qat_grid, general_target, general_rows, 0 if tokens is None else len(tokens),
                                     backend=backend)
@@ -209,6 +212,8 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     t0 = time.perf_counter()
     was_training = trained.training
     trained.eval()
+    hf = layers.unwrap(trained)
+    ref = Reference(hf, check_tokens(tokens, tokenizer, hf.config.vocab_size))  # the model as trained
     model = merge_adapters(trained, base_name, merge_into=merge_into, masks=masks)
     found = layers.linear_layers(layers.unwrap(trained)).values()
     summary = {"merge_into": merge_into, "general_target": general_target, "general_rows": general_rows, "merged_layers": sum(1 for m in found if layers.adapters(m)),
@@ -236,9 +241,15 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
         if measure:
             summary["export_drift"] = drift(trained, model, tokens)
         trained.train(was_training)
+        refused = sorted(r["layer"] for r in rows if r.get("awq_fold_refused"))
+        if cfg.awq:
+            summary.update(folds_refused=len(refused), unscaled_layers=refused)
         summary["seconds"] = time.perf_counter() - t0
+        limit = kl_limit(cfg.bits if cfg.method != "none" else 16, cfg.sparsity if cfg.pruning else 0.0)
+
         out = save_quantized(model, quantized, cfg, output_dir, tokenizer=tokenizer, overwrite=overwrite,
-                             dtype=DTYPES[save_dtype], report_rows=rows, extra_files={"qft_export.json": summary})
+                             dtype=DTYPES[save_dtype], report_rows=rows, extra_files={"qft_export.json": summary},
+                             verify=lambda tmp, d: check_written(load_quantized(tmp, device, d), ref, limit, "export", d))
     else:
         trained.train(was_training)
         out = _export_gptqmodel(model, tokenizer, tokens, output_dir, cfg, overwrite, summary, t0, t1)

@@ -166,7 +166,9 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
         fixed, awq_rows = awq_prepass(model, cfg, tokens, device, batch_size, progress=progress)
         given_label = "awq"
         awq_of = {f"{prefix}.{r['block']}.{n}": {"awq_alpha": r["alpha"], "awq_error_ratio": r["error_ratio"],
-                                                  "awq_max_scale": r["max_scale"]}
+                                                  "awq_max_scale": r["max_scale"],
+                                                  **({"awq_fold_refused": r["fold_refused"]} if r["fold_refused"]
+                                                     else {})}
                   for r in awq_rows for n in r["layers"].split(",")}
 
     if grid_for is not None and (fixed or cfg.awq or cfg.pruning or anchor):

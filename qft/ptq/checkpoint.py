@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qft.export.checkpoint import CheckpointWriter, default_save_dtype, plain_tensors
+from qft.export.checkpoint import CheckpointWriter, _candidates, _same_as, plain_tensors, write_checked
 
 from .config import W8A8Config
 from .layer import W8A8Linear
@@ -49,8 +49,12 @@ def w8a8_layers(model: nn.Module) -> dict[str, W8A8Linear]:
 
 
 def save_w8a8(model: nn.Module, output_dir, cfg: W8A8Config, tokenizer=None, overwrite: bool = False,
-              dtype: torch.dtype | None = None, extra_files: dict | None = None) -> Path:
-    """Write ``model`` (after ``quantize_w8a8``) to ``output_dir``; returns the final directory."""
+              dtype: torch.dtype | None = None, extra_files: dict | None = None, verify=None) -> Path:
+    """Write ``model`` (after ``quantize_w8a8``) to ``output_dir``; returns the final directory.
+
+    ``dtype``: of the tensors left in floating point; None picks one the model runs correctly in
+    (``qft.export.dtype``). ``verify(work_dir, dtype)``: the last check before the rename
+    (``qft.export.verify``); by default, the checkpoint loaded back must compute what ``model`` does."""
     layers = w8a8_layers(model)
     if not layers:
         raise ValueError("save_w8a8: the model has no W8A8Linear layers; run qft.ptq.quantize_w8a8 first.")
@@ -60,31 +64,41 @@ def save_w8a8(model: nn.Module, output_dir, cfg: W8A8Config, tokenizer=None, ove
                          f"{'dynamic' if True in dynamic else 'static'}; pass the config the model was quantized with.")
     unquantized = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers)
     qconfig = quantization_config(cfg, ignore=unquantized)
-    dtype = dtype or default_save_dtype(model)
-    sd, skip = {}, set()
-    for name, m in layers.items():
-        sd[f"{name}.weight"] = m.weight.detach().cpu().contiguous()
-        sd[f"{name}.weight_scale"] = m.weight_scale.detach().cpu().float().contiguous()
-        if m.input_scale is not None:
-            sd[f"{name}.input_scale"] = m.input_scale.detach().cpu().float().contiguous()
-        if m.bias is not None:
-            sd[f"{name}.bias"] = m.bias.detach().cpu().to(dtype).contiguous()
-        skip |= {f"{name}.{k}" for k in ("weight", "weight_scale", "input_scale", "bias")}
-    sd.update(plain_tensors(model, skip, dtype))
-    writer = CheckpointWriter(output_dir, overwrite)
-    try:
-        writer.add(sd)
-        return writer.finish(model, qconfig, dtype, tokenizer, extra_files=extra_files)
-    except BaseException:
-        writer.abort()
-        raise
+    verify = verify or _same_as(model, tokenizer, load_w8a8, "save_w8a8")
+
+    def write(dtype):
+        sd, skip = {}, set()
+        for name, m in layers.items():
+            sd[f"{name}.weight"] = m.weight.detach().cpu().contiguous()
+            sd[f"{name}.weight_scale"] = m.weight_scale.detach().cpu().float().contiguous()
+            if m.input_scale is not None:
+                sd[f"{name}.input_scale"] = m.input_scale.detach().cpu().float().contiguous()
+            if m.bias is not None:
+                sd[f"{name}.bias"] = m.bias.detach().cpu().to(dtype).contiguous()
+            skip |= {f"{name}.{k}" for k in ("weight", "weight_scale", "input_scale", "bias")}
+        sd.update(plain_tensors(model, skip, dtype))
+        writer = CheckpointWriter(output_dir, overwrite)
+        try:
+            writer.add(sd)
+            return writer.finish(model, qconfig, dtype, tokenizer, extra_files=extra_files,
+                                 verify=lambda tmp: verify(tmp, dtype))
+        except BaseException:
+            writer.abort()
+            raise
+
+    return write_checked(write, _candidates(model, dtype), "save_w8a8", (extra_files or {}).get("qft_export.json"))
 
 
-def load_w8a8(path, dtype: torch.dtype = torch.bfloat16, int8_kernel: bool = False) -> nn.Module:
-    """A W8A8 compressed-tensors checkpoint as a pure-torch model (``W8A8Linear`` layers), no extra package."""
+def load_w8a8(path, dtype: torch.dtype | None = None, int8_kernel: bool = False) -> nn.Module:
+    """A W8A8 compressed-tensors checkpoint as a pure-torch model (``W8A8Linear`` layers), no extra package.
+
+    ``dtype``: of the floating-point tensors and the compute; by default the one the checkpoint declares
+    (float16 that overflows on a probe batch runs in bf16 instead, with a warning: ``qft.export.dtype``)."""
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qft.export.dtype import checkpoint_dtype, loadable_dtype
 
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
@@ -92,6 +106,7 @@ def load_w8a8(path, dtype: torch.dtype = torch.bfloat16, int8_kernel: bool = Fal
     if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "int-quantized":
         raise ValueError(f"load_w8a8({str(path)!r}): not a compressed-tensors int-quantized checkpoint "
                          f"(quant_method={qc.get('quant_method')!r}, format={qc.get('format')!r}).")
+    requested, dtype = dtype is not None, dtype or checkpoint_dtype(path)
     config = AutoConfig.from_pretrained(path)
     config.quantization_config = None
     with init_empty_weights(include_buffers=False):
@@ -113,4 +128,4 @@ def load_w8a8(path, dtype: torch.dtype = torch.bfloat16, int8_kernel: bool = Fal
     meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
     if meta:
         raise KeyError(f"load_w8a8({str(path)!r}): the checkpoint lacks {meta[:3]}.")
-    return model.eval()
+    return loadable_dtype(path, model.eval(), dtype, requested, lambda d: load_w8a8(path, d, int8_kernel))

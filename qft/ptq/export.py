@@ -13,8 +13,10 @@ import torch
 from qft import layers
 from qft.export.calibration import CalibrationError
 from qft.export.checkpoint import check_output_dir
+from qft.export.dtype import DTYPES, check_dtype_name
 from qft.export.merge import DEFAULT_MERGE_INTO, check_merge_into, merge_adapters
-from qft.export.pipeline import DTYPES, resolve_dtype
+from qft.export.pipeline import resolve_dtype
+from qft.export.verify import Reference, check_tokens, check_written, kl_limit
 
 from .config import W8A8Config
 from .learned import learned_w8a8
@@ -28,19 +30,19 @@ def export_w8a8(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg
     """Merge ``trained`` (a plain, LoRA or NF4+LoRA model), quantize it to W8A8 and write ``output_dir``.
 
     ``dtype``: the precision of the weight solve and the calibration passes (``auto``: bf16 where
-    supported); ``save_dtype``: of the tensors left in floating point (``auto``: fp16 for fp32, else the
-    compute dtype). ``qat_grid``: for a model trained with ``QATCallback`` on an int8 per-channel grid
+    supported); ``save_dtype``: of the tensors left in floating point (``auto``: one the model runs
+    correctly in, ``qft.export.dtype``). Before the rename the written checkpoint is loaded as a user
+    loads it and checked on one batch against the trained model (``qft.export.verify``). ``qat_grid``: for a model trained with ``QATCallback`` on an int8 per-channel grid
     (and ``activation=``), ``"keep"`` writes the codes, scales and static input ranges it learned, so the
     checkpoint computes what the fake-quant model computed; ``"resolve"`` quantizes the merged weights
     anew (``qft.ptq.learned``). Returns the summary, also written as ``qft_export.json``.
     """
-    from .checkpoint import save_w8a8
+    from .checkpoint import load_w8a8, save_w8a8
 
     if not isinstance(cfg, W8A8Config):
         raise TypeError(f"export_w8a8(cfg={cfg!r}): expected a qft.ptq.W8A8Config.")
     for arg, value in (("dtype", dtype), ("save_dtype", save_dtype)):
-        if value not in DTYPES:
-            raise ValueError(f"export_w8a8({arg}={value!r}) is unknown; allowed: {list(DTYPES)}.")
+        check_dtype_name(value, arg, "export_w8a8")
     merge_into = check_merge_into(merge_into)
     fixed, input_scales = learned_w8a8(trained, cfg, qat_grid)
     solves = needs_calibration(layers.unwrap(trained), cfg, fixed, input_scales)
@@ -53,6 +55,8 @@ def export_w8a8(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg
     t0 = time.perf_counter()
     was_training = trained.training
     trained.eval()
+    hf = layers.unwrap(trained)
+    ref = Reference(hf, check_tokens(tokens, tokenizer, hf.config.vocab_size))  # the model as trained
     model = merge_adapters(trained, base_name, merge_into=merge_into, masks=masks)
     trained.train(was_training)
     compute = resolve_dtype(dtype, device) if solves else torch.float32  # nothing measured: write the merged
@@ -63,8 +67,10 @@ def export_w8a8(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg
     summary.update(merge_into=merge_into, qat_grid=qat_grid if fixed or input_scales else None,
                    dtype=str(compute).replace("torch.", ""),
                    calibration=None if tokens is None else list(tokens.shape), seconds=time.perf_counter() - t0)
-    save = DTYPES[save_dtype] or (torch.float16 if compute == torch.float32 else compute)
-    out = save_w8a8(model, output_dir, cfg, tokenizer=tokenizer, overwrite=overwrite, dtype=save,
-                    extra_files={"qft_export.json": {**summary, "layers_report": rows}})
+    written = {**summary, "layers_report": rows}
+    out = save_w8a8(model, output_dir, cfg, tokenizer=tokenizer, overwrite=overwrite, dtype=DTYPES[save_dtype],
+                    extra_files={"qft_export.json": written},
+                    verify=lambda tmp, d: check_written(load_w8a8(tmp, d), ref, kl_limit(8), "export_w8a8", d))
+    summary.update({k: written[k] for k in ("save_dtype", "save_dtypes_refused", "check") if k in written})
     summary["output_dir"] = str(out)
     return summary

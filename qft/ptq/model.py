@@ -6,7 +6,9 @@ Lifecycle (each step only when the config asks for it):
    and the calibration tokens, before any work; grids QAT learned (``fixed``, ``input_scales``) are
    kept as they are, and nothing is measured for them;
 2. **smooth** (``smoothquant=alpha``): one forward pass collects each norm-fed linear's input magnitude
-   per channel, and SmoothQuant's scales are folded into the norms and weights (``qft.ptq.smoothquant``);
+   per channel, and SmoothQuant's scales are folded into the norms and weights (``qft.ptq.smoothquant``),
+   each fold checked on its block before any rounding and left out if it is not exact
+   (``qft.export.fold.FoldCheck``; the summary counts and names those);
 3. **weights**: every decoder-block linear is rounded to int8 per output channel, by RTN or by GPTQ's
    block-by-block solve (``qft.export.sequential.quantize_model``, the GPTQ exporter's own engine);
 4. **activations** (``activation="static"``): one forward pass of the weight-quantized model gives each
@@ -24,11 +26,15 @@ from torch import nn
 
 from qft.export.blocks import block_linears, check_model, find_decoder_blocks
 from qft.export.calibration import CalibrationError
+from qft.export.fold import FoldCheck, smoothing_pairs
 
 from .calibrate import input_absmax
 from .config import W8A8Config
 from .layer import W8A8Linear, input_scale_from_absmax
-from .smoothquant import smoothing_pairs, smooth
+from .smoothquant import smooth
+
+
+CHECK_TOKENS = 128  # of the first calibration window: the batch each fold is checked on
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -88,8 +94,10 @@ def quantize_w8a8(model: nn.Module, cfg: W8A8Config, tokens: torch.Tensor | None
         with torch.autocast(dev.type, dtype=compute_dtype or torch.float32, enabled=low):
             stats = input_absmax(model, tokens, {names[0]: linears[names[0]] for _, names in pairs}, batch_size,
                                  device)
-        scales = smooth(model, linears, stats, pairs, cfg.smoothquant)
-        summary["smoothed"] = {norm: names for norm, names in pairs}
+        check = FoldCheck(model, linears, tokens[:1, :CHECK_TOKENS])  # every fold exact, or left out
+        scales = smooth(model, linears, stats, pairs, cfg.smoothquant, check)
+        summary["smoothed"] = {norm: names for norm, names in pairs if norm in scales}
+        summary.update(check.summary())
         summary["largest_smoothing_scale"] = max(scales.values(), default=None)
         summary["smooth_s"] = time.perf_counter() - t
     if compute_dtype is not None:

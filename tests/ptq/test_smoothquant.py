@@ -3,7 +3,8 @@ import torch
 
 from qft.ptq.calibrate import input_absmax
 from qft.ptq.model import decoder_linears
-from qft.ptq.smoothquant import smoothing_pairs, smooth, smoothing_scales
+from qft.export.fold import smoothing_pairs
+from qft.ptq.smoothquant import smooth, smoothing_scales
 
 from ptq_helpers import logits
 

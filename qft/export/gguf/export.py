@@ -18,6 +18,7 @@ from qft.quant.ggml import FORMATS, BlockGrid, choose_grid, pack, quantize
 
 from ..config import GPTQConfig
 from ..sequential import quantize_model
+from ..verify import Reference, check_tokens, check_written, kl_limit
 from .config import GGUFConfig
 from .mix import FLOAT, tensor_types
 from .writer import (check_architecture, check_output_file, copy_tokenizer, gguf_name, hyperparameters, rotary_rows,
@@ -96,7 +97,7 @@ def fixed_block_grid(qw, fmt: str) -> BlockGrid:
 
 def export_gguf(model, tokenizer, tokens: torch.Tensor | None, output, cfg: GGUFConfig | None = None,
                 source_gguf=None, overwrite: bool = False, device=None, progress: bool = True,
-                fixed: dict | None = None) -> dict:
+                fixed: dict | None = None, reference=None) -> dict:
     """Write ``model`` (a Llama-architecture causal LM, adapters merged) to ``output`` (``.gguf``).
 
     ``tokens`` are the calibration windows (``qft.export.calibration``), needed unless
@@ -106,6 +107,9 @@ def export_gguf(model, tokenizer, tokens: torch.Tensor | None, output, cfg: GGUF
 
     ``fixed`` (``{HF layer name: QuantizedWeight}``, what QAT learned, ``qft.layers.grids``) writes those
     codes and scales as they are: every decoder linear's format must be the grid's (``keeps_grid``).
+
+    Before the rename, the file is read back (``load_gguf``) and checked on one batch against
+    ``reference`` (``qft.export.verify.Reference``; by default ``model`` before rounding).
     """
     cfg = cfg or GGUFConfig()
     check_output_file(output, overwrite)
@@ -118,6 +122,7 @@ def export_gguf(model, tokenizer, tokens: torch.Tensor | None, output, cfg: GGUF
         raise ValueError("GGUF export: llama.cpp needs the tokenizer in the file; pass tokenizer= (a Hugging Face "
                          "BPE tokenizer) or source_gguf= (the GGUF the model came from, qft.models.source_gguf).")
     t0 = time.perf_counter()
+    ref = reference or Reference(model, check_tokens(tokens, tokenizer, model.config.vocab_size))
     cfg_by_name = dict(names)
     grids: dict[str, BlockGrid] = {}
     quantized, rows = {}, []
@@ -177,10 +182,20 @@ def export_gguf(model, tokenizer, tokens: torch.Tensor | None, output, cfg: GGUF
             tokenizer_from_hf(writer, tokenizer, pre)
         writer.add_string("qft.gguf.method", cfg.method)
 
-    out = write_gguf(output, tensors, metadata, overwrite)
+    found = {}
+
+    def verify(tmp):
+        found.update(check_written(load_gguf(tmp), ref, kl_limit(quant_bits(cfg.quant)), "GGUF export"))
+
+    out = write_gguf(output, tensors, metadata, overwrite, verify=verify)
     return {"output": str(out), "quant": cfg.quant, "method": cfg.method, "bytes": out.stat().st_size,
             "formats": dict(Counter(types.values())), "seconds": round(time.perf_counter() - t0, 2),
-            "solve_seconds": round(t_solve, 2), "layers": rows}
+            "solve_seconds": round(t_solve, 2), "check": found, "layers": rows}
+
+
+def quant_bits(quant: str) -> int:
+    """The nominal weight bits of a mix (``Q4_K_M`` -> 4; ``F16`` -> 16), for its check's limit."""
+    return 16 if quant in FLOAT else int(quant[1])
 
 
 def _qtype(fmt: str):
@@ -244,10 +259,12 @@ def export_trained(trained, tokenizer, tokens, output, cfg: GGUFConfig, base_nam
                          "--calibration FILE), or use method='rtn'.")
     was_training = trained.training
     trained.eval()
+    hf = layers.unwrap(trained)
+    ref = Reference(hf, check_tokens(tokens, tokenizer, hf.config.vocab_size))  # the model as trained
     model = merge_adapters(trained, base_name, merge_into=merge_into, masks=masks)
     trained.train(was_training)
     summary = export_gguf(model, tokenizer, tokens, output, cfg, source_gguf=source_gguf(base_name),
-                          overwrite=overwrite, device=device, progress=progress, fixed=fixed)
+                          overwrite=overwrite, device=device, progress=progress, fixed=fixed, reference=ref)
     summary.update(output_dir=summary["output"], merge_into=merge_into, qat_grid=qat_grid)
     return summary
 

@@ -128,9 +128,11 @@ def check_output_file(path, overwrite: bool = False) -> Path:
     return out
 
 
-def write_gguf(path, tensors: list[tuple[str, np.ndarray, object]], fill_metadata, overwrite: bool = False) -> Path:
+def write_gguf(path, tensors: list[tuple[str, np.ndarray, object]], fill_metadata, overwrite: bool = False,
+               verify=None) -> Path:
     """Write ``tensors`` (gguf name, data, ``GGMLQuantizationType`` or None for a plain float array) and
-    the metadata that ``fill_metadata(writer)`` adds, atomically, to ``path``."""
+    the metadata that ``fill_metadata(writer)`` adds, atomically, to ``path``. ``verify(tmp_file)``: the last
+    check before the rename (``qft.export.verify``); what it raises stops the export."""
     import shutil
 
     import gguf
@@ -150,6 +152,8 @@ def write_gguf(path, tensors: list[tuple[str, np.ndarray, object]], fill_metadat
         writer.close()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
         if out.exists() and not overwrite:
             raise FileExistsError(f"GGUF export: output={str(out)!r} appeared during the export; not overwriting it.")
         os.replace(tmp, out)
