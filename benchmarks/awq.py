@@ -50,7 +50,8 @@ def worker_qft(a) -> dict:
     save_quantized(model, quantized, cfg, a.save, tokenizer=tok, report_rows=rows)
     alphas = [r["awq_alpha"] for r in rows if r.get("awq_alpha") is not None]
     return {"s": secs, "peak_rss_mb": rss_mb(), "config": cfg.to_dict(),
-            "awq_alpha_mean": sum(alphas) / len(alphas) if alphas else None}
+            "awq_alpha_mean": sum(alphas) / len(alphas) if alphas else None,
+            "awq_unscaled_layers": sum(1 for r in rows if r.get("awq_fold_refused"))}
 
 
 def worker_gptqmodel(a) -> dict:

@@ -46,16 +46,19 @@ def test_prilora_cli_refuses_bad_lists(tmp_path, capsys):
 def test_result_file_writes_whole_files_and_never_replaces_unasked(tmp_path):
     write_result = _load("result_file").write_result
     out = tmp_path / "sub" / "r.json"
+    figures = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if k != "machine_info"}  # noqa: E731
     write_result(out, {"ppl": 1.5})
-    assert json.loads(out.read_text()) == {"ppl": 1.5}
+    assert figures(out) == {"ppl": 1.5}
+    machine = json.loads(out.read_text())["machine_info"]  # every result says which CPU it ran on
+    assert machine["cpu"] and set(machine["flags"]) >= {"avx512_bf16", "amx_int8", "amx_bf16", "amx_tile"}
     with pytest.raises(SystemExit, match="appeared while the benchmark ran") as err:
         write_result(out, {"ppl": 2.0})
     kept = Path(str(err.value).rsplit(" in ", 1)[1].rstrip("."))
-    assert json.loads(kept.read_text()) == {"ppl": 2.0}  # this run's figures are not lost
-    assert json.loads(out.read_text()) == {"ppl": 1.5}  # nor the recorded ones
+    assert figures(kept) == {"ppl": 2.0}  # this run's figures are not lost
+    assert figures(out) == {"ppl": 1.5}  # nor the recorded ones
     kept.unlink()
     write_result(out, {"ppl": 3.0}, replace=True)
-    assert json.loads(out.read_text()) == {"ppl": 3.0}
+    assert figures(out) == {"ppl": 3.0}
     with pytest.raises(TypeError):
         write_result(tmp_path / "bad.json", {"x": object()})
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["r.json", "sub"]  # no temporary left behind

@@ -132,8 +132,10 @@ def sparsity_config(cfg: GPTQConfig, quantized: dict) -> dict:
 def write_checked(write, candidates: list[torch.dtype], what: str, summary: dict | None = None) -> Path:
     """``write(dtype)`` in the first of ``candidates`` whose written checkpoint passes its last check
     (``qft.export.verify``, run by ``write`` before the rename); returns the directory. With one candidate
-    (an explicit ``save_dtype``) a failed check is the refusal. ``summary`` (written by ``write``) gets
-    ``save_dtype`` and, for the dtypes that failed before it, ``save_dtypes_refused``."""
+    (an explicit ``save_dtype``) a failed check is the refusal. Only logits that are not finite (a range
+    problem) send it to the next dtype; a checkpoint that is finite but far off is refused at once.
+    ``summary`` (written by ``write``) gets ``save_dtype`` and, for the dtypes that failed before it,
+    ``save_dtypes_refused``."""
     from .verify import ExportCheckError
 
     failures = []
@@ -145,12 +147,14 @@ def write_checked(write, candidates: list[torch.dtype], what: str, summary: dict
         try:
             return write(dtype)
         except ExportCheckError as e:
+            if not e.nonfinite:
+                raise
             failures.append((dtype, e))
     if len(failures) == 1:
         raise failures[0][1]
     tried = ", ".join(str(d).replace("torch.", "") for d, _ in failures)
     raise ExportCheckError(f"{what}: no dtype passed the check ({tried}). The last: {failures[-1][1]}",
-                           nonfinite=all(e.nonfinite for _, e in failures))
+                           nonfinite=True, found=failures[-1][1].found)
 
 
 def packed_layer(name: str, qw: QuantizedWeight, bias, dtype: torch.dtype, fmt: str = "gptq") -> dict:

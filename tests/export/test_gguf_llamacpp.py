@@ -51,6 +51,21 @@ def _compare(path, tok, reference):
     return llm, float(d.square().mean().sqrt()), float(d.abs().max()), float((a.argmax(-1) == b.argmax(-1)).float().mean())
 
 
+def test_the_runtime_is_built_without_amx():
+    """llama.cpp's AMX backend segfaults on some Intel Sapphire Rapids CPUs (llama.cpp #20824); `make gguf`
+    builds it portable (no -march=native, AMX off), on whichever CPU this machine has: a version bump that
+    brought AMX back fails here, not in a segfault on the next Intel machine."""
+    import platform
+
+    info = llama_cpp.llama_print_system_info().decode()
+    flags = dict(part.strip().split(" = ") for part in info.replace("|", "\n").splitlines() if " = " in part)
+    assert flags, info  # the format was read: a change to it must not pass silently
+    amx = {k: v for k, v in flags.items() if "AMX" in k.upper() and v.strip() != "0"}
+    assert not amx, f"llama.cpp was built with AMX ({amx}); build it with `make gguf` (portable CMAKE_ARGS): {info}"
+    if platform.machine() == "x86_64":
+        assert flags.get("AVX2") == "1", info  # the baseline the portable build targets
+
+
 def test_f32_file_computes_what_the_model_computes(tmp_path, smollm2):
     """Unquantized, llama.cpp's logits are the model's to fp32 accumulation order: the names, the
     rotary row order of q/k and every hyper-parameter are right."""
