@@ -67,7 +67,7 @@ def main():
     from qft.export import GPTQConfig, calibration_mix
     from qft.export import sequential
     from qft.export.merge import merge_adapters
-    from qft.export.pipeline import _base_weights
+    from qft.export.pipeline import base_weights
     from qft.module import CausalLMModule
 
     ckpt = sorted(Path(a.fit).glob("lightning_logs/version_*/checkpoints/*.ckpt"))
@@ -81,7 +81,7 @@ def main():
     data = QFTDataModule(task="synthetic", batch_size=16, num_train=a.steps * 16, num_val=100, seq_len=64)
     seen = _pairs(a.steps * 16, 0, exclude=set(_pairs(100, 1_000_003)))  # the fit's training problems
     calib = calibration_mix(data, wiki_calib, tok, 64, 64, 0.25)
-    anchor, fixed = _base_weights(a.model), layers.grids(layers.unwrap(trained))
+    anchor, fixed = base_weights(a.model), layers.grids(layers.unwrap(trained))
     result = {"command": shlex.join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
               "checkpoint": str(ckpt[-1]), "rows": []}
 

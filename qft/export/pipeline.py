@@ -231,7 +231,7 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     summary["group_size_warnings"] = check_model(model, cfg)
     t1 = time.perf_counter()
     if backend == "qft":
-        anchor = _base_weights(base_name) if general_target == "base" else None
+        anchor = base_weights(base_name) if general_target == "base" else None
         quantized, rows = quantize_model(model, cfg, tokens, device=device, progress=progress, fixed=fixed,
                                          reuse_outputs=reuse_outputs, calibration_offload=calibration_offload,
                                          refine=qat_grid == "refine", anchor=anchor,
@@ -257,7 +257,7 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     return summary
 
 
-def _base_weights(base_name: str) -> dict[str, torch.Tensor]:
+def base_weights(base_name: str) -> dict[str, torch.Tensor]:
     """fp32 weights of every linear layer of the released base model, by layer name."""
     from qft.models import load_model
 

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from qft.hooks import record_change, when_model_ready
 from qft.quant import QuantScheme
@@ -33,6 +34,9 @@ class QATCallback(pl.Callback):
         observer_momentum: moving-average constant of per_tensor observers.
         allow_partial_groups: accept a short last group when ``group_size`` does not divide ``in_features``.
         convert_on_fit_end: convert to packed ``GPTQLinear`` when fit ends.
+        init: the grid fake-quant trains on: ``"minmax"`` (each step's scales from the weight) or a grid
+            solved once at ``start_step`` and then fixed: ``"gptq"``, ``"rtn"`` or a ``qft.qat.GridSolve``
+            (GPTQ on task windows and, given a general-text file, general windows anchored to the base).
 
     Lifecycle:
     - ``__init__``: every argument is validated (``QATConfig``); bad schemes fail here.
@@ -45,8 +49,12 @@ class QATCallback(pl.Callback):
       twice); a converted model cannot be fitted again (clear error).
     - ``on_fit_start`` (optimizers exist, optimizer state not yet restored): with ``range_learning``,
       moves the learned scales/zeros into their own param group at ``lr * lr_multiplier``.
+    - ``on_fit_start`` with a solved ``init``: builds its calibration windows (the trainer's DataModule,
+      the general-text file), so missing data fails before the first step.
     - ``on_train_batch_start``: sets fake-quant on from ``start_step`` and freezes activation observers
       from ``freeze_observers_step`` (by ``trainer.global_step``, so resuming lands on the same state).
+      With a solved ``init``, the first batch at ``start_step`` solves the grid (``qft.qat.solve``) and
+      every fake-quant layer trains on it from then on; rank 0's grid is broadcast to the others.
     - ``on_fit_end``: ``qft.qat.convert`` when ``convert_on_fit_end=True``; validate/test afterwards run
       the packed model.
     - checkpoints: scales, zeros, observer statistics and on/off flags are module buffers (or parameters)
@@ -63,6 +71,8 @@ class QATCallback(pl.Callback):
                     "forward, and FSDP does not keep writes into its gathered parameters (min-max scales work)")
         if self.config.convert_on_fit_end:
             return "convert_on_fit_end=True packs whole weights at fit end (convert from the checkpoint instead)"
+        if self.config.solve is not None:
+            return f"init={self.config.solve.method!r} solves each layer's whole weight at start_step"
         return None
 
     def __init__(self, weight: QuantScheme = QuantScheme(bits=4, group_size=128, symmetric=True),
@@ -70,15 +80,17 @@ class QATCallback(pl.Callback):
                  freeze_observers_step: Optional[int] = None, ignore: Sequence[str] = ("lm_head",),
                  targets: Optional[Sequence[str]] = None, range_learning: bool = False, lr_multiplier: float = 1.0,
                  lora_merged: Optional[bool] = None, observer_momentum: float = 0.01, allow_partial_groups: bool = False,
-                 convert_on_fit_end: bool = False):
+                 convert_on_fit_end: bool = False, init="minmax"):
         self.config = QATConfig(weight=weight, activation=activation, start_step=start_step,
                                 freeze_observers_step=freeze_observers_step, ignore=ignore, targets=targets,
                                 range_learning=range_learning, lr_multiplier=lr_multiplier, lora_merged=lora_merged,
                                 observer_momentum=observer_momentum, allow_partial_groups=allow_partial_groups,
-                                convert_on_fit_end=convert_on_fit_end)
+                                convert_on_fit_end=convert_on_fit_end, init=init)
         self.swapped: list = []
         self.last_step = -1
         self.converted = False
+        self.solved: dict | None = None  # what the grid solve did (qft.qat.solve), once it ran
+        self._tokens = None
 
     # ----------------------------------------------------------------- model change
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -100,6 +112,16 @@ class QATCallback(pl.Callback):
 
     # ----------------------------------------------------------------- optimizer
     def on_fit_start(self, trainer, pl_module) -> None:
+        solve = self.config.solve
+        if solve is not None and self.solved is None and solve.method == "gptq":
+            from .solve import calibration
+
+            model = pl_module.model if hasattr(pl_module, "model") else pl_module
+            self._tokens = calibration(solve, trainer.datamodule, getattr(pl_module, "tokenizer", None), model)
+            if not solve.general_rows:
+                rank_zero_warn("QATCallback(init='gptq') without general_calibration: the grid is solved on task "
+                               "windows alone, so the base's general ability is not protected. Pass "
+                               "init=GridSolve(general_calibration=<a text file>) to keep it.")
         if not self.config.range_learning:
             return
         params = [p for _, m in fake_quant_modules(pl_module) for p in m.qat_params() if p.requires_grad]
@@ -113,8 +135,31 @@ class QATCallback(pl.Callback):
         set_state(pl_module, enabled=step >= c.start_step, observing=observing)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._apply_schedule(pl_module, trainer.global_step)
-        self.last_step = trainer.global_step
+        step = trainer.global_step
+        if self.config.solve is not None and step >= self.config.start_step and self.solved is None:
+            self._solve(trainer, pl_module, step)
+        self._apply_schedule(pl_module, step)
+        self.last_step = step
+
+    def _solve(self, trainer, pl_module, step: int) -> None:
+        from .solve import solve_and_install
+
+        mods = fake_quant_modules(pl_module)
+        if mods and all(m.fixed_grid for _, m in mods):  # resumed from a checkpoint taken after the solve
+            self.solved = {"step": step, "restored": True}
+            return
+        base = getattr(pl_module, "hparams", {}).get("model", getattr(pl_module, "model_name", None))
+        if self._tokens is None and self.config.solve.method == "gptq":  # resumed before the solve
+            from .solve import calibration
+
+            model = pl_module.model if hasattr(pl_module, "model") else pl_module
+            self._tokens = calibration(self.config.solve, trainer.datamodule, getattr(pl_module, "tokenizer", None),
+                                       model)
+        self.solved = {"step": step, **solve_and_install(pl_module, self.config.weight, self.config.solve,
+                                                         self._tokens, base)}
+        self._tokens = None
+        rank_zero_info(f"QAT: grid solved at step {step} by {self.solved['method']} for {self.solved['layers']} "
+                       f"layers ({self.solved['general_rows']} general-text windows) in {self.solved['seconds']} s")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.config.convert_on_fit_end:
@@ -128,12 +173,12 @@ class QATCallback(pl.Callback):
 
     def state_dict(self) -> dict:
         return {"config": self.config.to_dict(), "swapped": list(self.swapped), "last_step": self.last_step,
-                "converted": self.converted}
+                "converted": self.converted, "solved": self.solved}
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict.get("config", {})
         mine = self.config.to_dict()
-        diff = {k: (saved[k], mine[k]) for k in ("weight", "activation", "range_learning", "lora_merged")
+        diff = {k: (saved[k], mine[k]) for k in ("weight", "activation", "range_learning", "lora_merged", "init")
                 if k in saved and saved[k] != mine[k]}
         if diff:
             raise ValueError(f"QATCallback: the checkpoint was trained with different fake-quant settings "
@@ -141,6 +186,7 @@ class QATCallback(pl.Callback):
         self.swapped = list(state_dict.get("swapped", []))
         self.last_step = int(state_dict.get("last_step", -1))
         self.converted = bool(state_dict.get("converted", False))
+        self.solved = state_dict.get("solved")
 
 
 def _own_param_group(opt: torch.optim.Optimizer, params: list, mult: float, scheduler_configs) -> None:

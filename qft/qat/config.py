@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 from qft.quant import QuantScheme
 from qft.quant.scheme import GRANULARITIES, WEIGHT_GRANULARITIES
+
+from .solve import GridSolve, as_grid_solve
 
 ACT_GRANULARITIES = ("per_token", "per_tensor")
 
@@ -80,6 +82,11 @@ class QATConfig:
                 "and AutoGPTQ/GPTQModel allow; off by default so a non-dividing group_size is an error."})
     convert_on_fit_end: bool = field(default=False, metadata={
         "help": "Replace fake-quant layers by packed GPTQLinear when fit ends (irreversible)."})
+    init: Union[Literal["minmax", "gptq", "rtn"], GridSolve, None] = field(default="minmax", metadata={
+        "help": "The grid fake-quant trains on. 'minmax': each step's scales from the weight itself. 'gptq' (or a "
+                "qft.qat.GridSolve with general text): solved once at start_step by GPTQ on calibration windows, "
+                "then fixed, so the adapters train against the grid the export writes ('keep'); 'rtn': the same "
+                "from round-to-nearest. See qft.qat.solve."})
 
     def __post_init__(self):
         self.weight = _scheme(self.weight, "weight")
@@ -116,6 +123,19 @@ class QATConfig:
         m = self.observer_momentum
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1:
             raise ValueError(f"QATCallback(observer_momentum={m!r}): expected a number in (0, 1], e.g. 0.01.")
+        self.init = as_grid_solve(self.init) or "minmax"
+        if self.solve is not None and self.range_learning:
+            raise ValueError("QATCallback(init='gptq', range_learning=True): a solved grid keeps the scales GPTQ chose, "
+                             "and range_learning would learn new ones. Pick one: init='minmax' with range_learning, "
+                             "or a solved grid without it.")
+        if self.solve is not None and not self.merges_lora:
+            raise ValueError("QATCallback(init='gptq', lora_merged=False): the solved grid is the merged weight's "
+                             "(W + scaling * B @ A); use lora_merged=None (True).")
+
+    @property
+    def solve(self) -> GridSolve | None:
+        """How the grid is solved at ``start_step``, or None for min-max scales."""
+        return self.init if isinstance(self.init, GridSolve) else None
 
     @property
     def merges_lora(self) -> bool:
@@ -160,4 +180,5 @@ class QATConfig:
         d["weight"] = self.weight.to_dict()
         d["activation"] = None if self.activation is None else self.activation.to_dict()
         d["ignore"], d["targets"] = list(self.ignore), None if self.targets is None else list(self.targets)
+        d["init"] = self.init.to_dict() if isinstance(self.init, GridSolve) else self.init
         return d

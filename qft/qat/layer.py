@@ -55,15 +55,70 @@ class _WeightFakeQuantMixin(nn.Module):
         return {"weight": self.weight_scheme.to_dict(), "range_learning": self.range_learning,
                 "activation": None if a is None else a.scheme.to_dict()}
 
+    fixed_grid = False  # True once ``fix_grid`` gave the layer a solved grid (``qft.qat.solve``)
+
     def get_extra_state(self) -> dict:
-        """The grid this layer was trained on, saved with its buffers so a mismatched load fails loudly."""
-        return self._settings()
+        """The grid this layer was trained on, saved with its buffers so a mismatched load fails loudly;
+        with a solved grid, also its codes and the adapters' snapshot (``fix_grid``)."""
+        state = self._settings()
+        if self.fixed_grid:
+            state["fixed_grid"] = dict(self._grid_state())
+        return state
 
     def set_extra_state(self, state) -> None:
-        if isinstance(state, dict) and state != self._settings():
+        if not isinstance(state, dict):
+            return
+        state = dict(state)
+        fixed = state.pop("fixed_grid", None)
+        if state != self._settings():
             raise ValueError(f"QAT: the checkpoint's fake-quant layer was trained with {state}, but this layer is "
                              f"{self._settings()}. Build QATCallback with the checkpoint's settings "
                              "(qft.qat.checkpoint_config(path) reads them).")
+        if fixed is not None:
+            self._load_grid_state(fixed)
+            self.fixed_grid = True
+
+    # ----------------------------------------------------------------- a solved, fixed grid
+    @torch.no_grad()
+    def fix_grid(self, qw: QuantizedWeight) -> None:
+        """Train from now on against ``qw``'s grid: its scales and zeros stay fixed, and the layer's
+        weight starts on its codes. Why fixed: the grid is what GPTQ solved for general text and the task
+        together (``qft.qat.solve``); min-max scales recomputed each step would walk away from it."""
+        from qft.quant.grid import fp16_scale
+
+        if self.range_learning:
+            raise ValueError("QAT: a solved grid is fixed; range_learning=True would learn the scales.")
+        if qw.codes.shape != (self.out_features, self.in_features) or not torch.equal(
+                qw.g_idx.long().cpu(), torch.arange(self.in_features) // self.group):
+            raise ValueError(f"QAT grid solve: a grid of codes {tuple(qw.codes.shape)} in groups of {qw.group_size} "
+                             f"does not fit this layer ({self.out_features} x {self.in_features}, group {self.group}).")
+        dev = self.weight_scale.device
+        self.weight_scale.copy_(fp16_scale(qw.scale.float()).to(dev))
+        self.weight_zero.copy_(qw.zero.float().to(dev))
+        self.qat_initialized.fill_(True)
+        self._start_on(qw.codes.to(dev, torch.uint8))
+        self.fixed_grid = True
+
+    def _grid_dequantized(self, codes: torch.Tensor) -> torch.Tensor:
+        """``scale * (codes - zero)`` in fp32, with the fake-quant's own ops (so it is on its grid)."""
+        q = self._padded(codes)
+        out = grouped(q, self.group).sub_(self.weight_zero.unsqueeze(-1)).mul_(self.weight_scale.unsqueeze(-1))
+        out = out.reshape(q.shape)
+        return out[:, : self.in_features] if self.pad else out
+
+    def _start_on(self, codes: torch.Tensor) -> None:
+        """Make the weight the solved grid's (a layer that cannot write its weight keeps the codes)."""
+        self.register_buffer("grid_codes", codes, persistent=False)
+
+    def _grid_state(self) -> dict:
+        return {"codes": self.grid_codes}
+
+    def _load_grid_state(self, state: dict) -> None:
+        self.register_buffer("grid_codes", state["codes"].to(self.weight_scale.device), persistent=False)
+
+    def grid_tensors(self) -> list:
+        """What a solved grid consists of (rank 0 broadcasts these): scales, zeros, codes or weight."""
+        return [self.weight_scale, self.weight_zero, *self._grid_state().values()]
 
     def qat_params(self):
         """Learned-range parameters (empty without range learning)."""
@@ -74,7 +129,9 @@ class _WeightFakeQuantMixin(nn.Module):
         s = self.weight_scheme
         w = self._padded(w)
         wg = grouped(w, self.group)
-        if self.range_learning:
+        if self.fixed_grid:
+            out = ste_fake_quant(wg, self.weight_scale.unsqueeze(-1), self.weight_zero.unsqueeze(-1), s.maxq)
+        elif self.range_learning:
             if not bool(self.qat_initialized):
                 scale, zero = weight_params(w, s)
                 with torch.no_grad():
@@ -105,7 +162,9 @@ class _WeightFakeQuantMixin(nn.Module):
 
         s = self.weight_scheme
         w = self._padded(w.detach())
-        if self.range_learning and bool(self.qat_initialized):
+        if self.fixed_grid:
+            scale, zero = self.weight_scale.detach().float(), self.weight_zero.detach().float()
+        elif self.range_learning and bool(self.qat_initialized):
             scale = fp16_scale(self.weight_scale.detach().float())
             zero = self.weight_zero.detach().float()
             if not s.symmetric:
@@ -158,10 +217,29 @@ class FakeQuantLinear(_WeightFakeQuantMixin):
         return F.linear(x, self.fake_quant_weight(self.base_weight()).to(x.dtype), bias)
 
     def base_weight(self) -> torch.Tensor:
-        """The weight as a tensor the forward can use (NF4 dequantized; a plain Parameter as is)."""
-        return _dequantized(self.weight) if hasattr(self.weight, "quant_state") else self.weight
+        """The weight as a tensor the forward can use (NF4 dequantized; a plain Parameter as is; an NF4
+        weight given a solved grid: that grid, which NF4 cannot hold)."""
+        if hasattr(self.weight, "quant_state"):
+            return self._grid_dequantized(self.grid_codes) if self.fixed_grid else _dequantized(self.weight)
+        return self.weight
 
-    latent_weight = base_weight
+    def latent_weight(self) -> torch.Tensor:
+        return self.base_weight()
+
+    def _start_on(self, codes):
+        if hasattr(self.weight, "quant_state"):
+            return super()._start_on(codes)
+        self.weight.data.copy_(self._grid_dequantized(codes).to(self.weight.dtype))
+
+    def _grid_state(self):
+        return super()._grid_state() if hasattr(self.weight, "quant_state") else {}  # the weight is in the state dict
+
+    def grid_tensors(self):
+        return super().grid_tensors() + ([] if hasattr(self.weight, "quant_state") else [self.weight.data])
+
+    def _load_grid_state(self, state):
+        if "codes" in state:
+            super()._load_grid_state(state)
 
     def layer_bias(self):
         return self.bias
@@ -199,7 +277,34 @@ class FakeQuantLoRALinear(_WeightFakeQuantMixin):
         self._init_qat(in_f, out_f, weight, activation, range_learning, momentum, dev, (weight.maxq + 1) // 2)
 
     def base_weight(self) -> torch.Tensor:
-        return _dequantized(self.base_layer.weight)
+        """The frozen base; with a solved grid, the grid minus the adapters as they were when it was
+        solved, so that base + adapters (what merge and export read) is the weight being trained."""
+        if not self.fixed_grid:
+            return _dequantized(self.base_layer.weight)
+        w = self._grid_dequantized(self.grid_codes)
+        for a in self.active_adapters:
+            d = getattr(self, f"grid_B0_{a}").float() @ getattr(self, f"grid_A0_{a}").float()
+            w = w - self.scaling[a] * (d.t() if self.fan_in_fan_out else d)
+        return w
+
+    def _start_on(self, codes):
+        super()._start_on(codes)
+        for a in self.active_adapters:
+            self.register_buffer(f"grid_A0_{a}", self.lora_A[a].weight.detach().clone(), persistent=False)
+            self.register_buffer(f"grid_B0_{a}", self.lora_B[a].weight.detach().clone(), persistent=False)
+
+    def _grid_state(self):
+        out = super()._grid_state()
+        for a in self.active_adapters:
+            out[f"A0_{a}"], out[f"B0_{a}"] = getattr(self, f"grid_A0_{a}"), getattr(self, f"grid_B0_{a}")
+        return out
+
+    def _load_grid_state(self, state):
+        super()._load_grid_state(state)
+        for a in self.active_adapters:
+            dev = self.lora_A[a].weight.device
+            self.register_buffer(f"grid_A0_{a}", state[f"A0_{a}"].to(dev), persistent=False)
+            self.register_buffer(f"grid_B0_{a}", state[f"B0_{a}"].to(dev), persistent=False)
 
     def lora_views(self) -> list[LoraView]:
         return _peft_lora_views(self)
@@ -228,7 +333,28 @@ class FakeQuantLoRALinear(_WeightFakeQuantMixin):
             return out + self._unused_qat_params().to(out.dtype) if self.range_learning and self.training else out
         if self.input_quant is not None:
             x = self.input_quant(x)
+        if self.fixed_grid:
+            return self._low_rank_forward(x, bias)
         return F.linear(x, self.fake_quant_weight(self.latent_weight()).to(x.dtype), bias)
 
+    def _low_rank_forward(self, x: torch.Tensor, bias) -> torch.Tensor:
+        """On a fixed grid: the value of ``x @ fq(W + s*B@A).T``, with the straight-through gradient
+        reaching A and B the way plain LoRA's does (``s * B @ A`` has the same gradient as the merged
+        weight when rounding counts as identity) and ``x`` through the rounded weight.
+
+        Why: the merged weight then needs no autograd graph and no ``[out, in]`` weight gradient, so a
+        QAT step costs about a QLoRA step. What it leaves out is the clamp mask of ``ste_fake_quant``:
+        a weight pushed past the grid's end still passes gradient (with fixed scales the grid does not
+        follow it, so the mask would only stall it there).
+        """
+        with torch.no_grad():
+            w = self.fake_quant_weight(self.latent_weight())
+        out = F.linear(x, w.to(x.dtype), bias)
+        xd = x.detach()
+        for a in self.active_adapters:
+            lora = self.lora_B[a](self.lora_A[a](xd.to(self.lora_A[a].weight.dtype))) * self.scaling[a]
+            out = out + (lora - lora.detach()).to(out.dtype)  # zero in value, the adapter's gradient in backward
+        return out
+
     def extra_repr(self) -> str:
-        return self._extra() + f", adapters={self.active_adapters}"
+        return self._extra() + f", adapters={self.active_adapters}" + (", fixed_grid" if self.fixed_grid else "")
