@@ -1,21 +1,23 @@
 """``make demo``: one fine-tune of the embedded SmolLM2-135M-Instruct, deployed int4 by two roads, on a CPU.
 
-1. accuracy of the base model on held-out 3-digit additions (greedy exact match);
-2. quantization-aware QLoRA (``recipes/qa_qlora.yaml``): NF4 base, PRILoRA adapters (ranks 4 -> 12
-   with depth, A pruned by importance), and from ``--qat-start`` on, QAT on the merged weight
-   ``W_nf4 + B@A`` (min-max scales, straight-through rounding); at fit end ``GPTQExportCallback`` keeps
-   the learned scales and, with general text at hand, GPTQ re-solves the codes so that task windows
-   reproduce the fine-tune and general text the released base (its measured default);
-3. Hugging Face's recipe from the same adapters: merge into the original fp base, then GPTQ int4;
-4. for the QLoRA model and each exported checkpoint (run in pure torch): task accuracy, WikiText-2
-   perplexity (first 16 x 1024 tokens of ``../shared/data/wikitext2_test.raw``, when present) and size;
-5. one table, and ``summary.json`` in the run directory.
+1. quantization-aware QLoRA (``recipes/qa_qlora.yaml``): NF4 base, PRILoRA adapters (ranks 4 -> 12
+   with depth, A pruned by importance). At ``--qat-start`` the merged weights ``W_nf4 + B@A`` get an int4
+   grid solved by GPTQ on task windows and general text (the general windows anchored to the released
+   base, ``qft.qat.solve``); the adapters then train the task back on that fixed grid. At fit end
+   ``GPTQExportCallback`` writes the grid as it is (``qat_grid="keep"``): the checkpoint is the model as
+   trained, bit for bit (``matches_trained``);
+2. Hugging Face's recipe from the same adapters: merge into the original fp base, then GPTQ int4;
+3. four rows, each measured the same way: the QLoRA adapters on NF4 (fake-quant off), the model as
+   trained (fake-quant on), and the two exported checkpoints (run in pure torch): teacher-forced exact
+   match on 1000 held-out additions (``acc_1000`` and its standard error) and WikiText-2 perplexity
+   (first 16 x 1024 tokens of ``../shared/data/wikitext2_test.raw``, when present);
+4. one table, and ``summary.json`` in the run directory.
 
-Both roads calibrate on the same windows: the task, with a quarter of them from general text
-(WikiText-2 windows from the second half of its tokens, disjoint from the evaluation windows, per
-``../shared/data/README.md``) when that file is present, else the task alone.
+Both roads calibrate on the same kind of windows: the task, with a quarter from general text (WikiText-2
+from its second half, disjoint from the evaluation windows, per ``../shared/data/README.md``) when that
+file is present, else the task alone (then general ability is not protected, and the output says so).
 
-    python -m qft.demo [--steps 120] [--qat-start 75] [--out runs/demo-<time>]
+    python -m qft.demo [--steps 120] [--qat-start 40] [--out runs/demo-<time>]
 """
 from __future__ import annotations
 
@@ -60,15 +62,26 @@ def measure(model, tokenizer, num_val: int, wiki_ids) -> dict:
     return out
 
 
+def row(model, tokenizer, wiki_ids) -> dict:
+    """One row of the table: teacher-forced exact match on 1000 held-out problems (bf16 where the CPU has
+    it, as every row) with its standard error, and WikiText-2 perplexity (None without the file)."""
+    from .evaluate import answer_accuracy, perplexity
+    from .module import bf16_supported
+
+    dtype = torch.bfloat16 if bf16_supported(next(model.parameters()).device) else torch.float32
+    acc = answer_accuracy(model, tokenizer, num_val=1000, dtype=dtype)
+    ppl = None if wiki_ids is None else perplexity(model, wiki_ids, EVAL_LEN, EVAL_WINDOWS, dtype=dtype)
+    return {"acc_1000": acc["acc"], "acc_1000_se": round(acc["se"], 4), "wikitext_ppl": ppl}
+
+
 def qa_qlora(model: str, steps: int, batch_size: int, lr: float, num_val: int, qat_start: int | None,
              group_size: int, root: Path, export_dir: Path | None = None, progress: bool = True,
-             general=None, calib_samples: int = 64, calib_len: int = 64):
+             general=None, calib_samples: int = 64, calib_len: int = 64, init="minmax", qat_grid=None):
     """Fit the quantization-aware QLoRA recipe; returns ``(module, data, callbacks)``.
 
-    ``qat_start=None`` trains plain QLoRA + PRILoRA (no QAT). With ``export_dir``, the export callback
-    writes the int4 checkpoint there at fit end, with its defaults: given ``general`` text (tokens), the
-    learned grid's codes are refined so that task windows keep the fine-tune and general windows the
-    base; without it, the learned grid is written as it is.
+    ``qat_start=None`` trains plain QLoRA + PRILoRA (no QAT). ``init``: the QAT grid (``QATConfig.init``:
+    ``"minmax"``, or a ``GridSolve`` solved at ``qat_start``). With ``export_dir``, the export callback
+    writes the int4 checkpoint there at fit end (``qat_grid``, with ``general`` text for its refine road).
     """
     import pytorch_lightning as pl
 
@@ -87,10 +100,11 @@ def qa_qlora(model: str, steps: int, batch_size: int, lr: float, num_val: int, q
                          seq_len=64)
     callbacks = [PRILoRACallback(r_start=4, r_end=12, final_sparsity=0.5, interval=10)]
     if qat_start is not None:
-        callbacks.append(QATCallback(weight=QuantScheme(bits=4, group_size=group_size), start_step=qat_start))
+        callbacks.append(QATCallback(weight=QuantScheme(bits=4, group_size=group_size), start_step=qat_start,
+                                     init=init))
     if export_dir is not None:
         callbacks.append(GPTQExportCallback(export_dir, progress=False, general_calibration=general,
-                                            n_samples=calib_samples, seq_len=calib_len))
+                                            n_samples=calib_samples, seq_len=calib_len, qat_grid=qat_grid))
     if progress:
         callbacks.append(ProgressLines(every=10))
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, default_root_dir=root, callbacks=callbacks,
@@ -100,14 +114,31 @@ def qa_qlora(model: str, steps: int, batch_size: int, lr: float, num_val: int, q
     return module, data, callbacks
 
 
+def matches_trained(trained, path, vocab_size: int) -> dict:
+    """Whether the checkpoint at ``path`` computes the trained model's logits exactly on a fixed batch (and
+    how far apart they are), loaded in the dtype and attention kernel the trained model runs in."""
+    from .export import load_quantized
+
+    x = torch.randint(0, vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    # in the trained model's dtype and attention kernel: the same computation, so equal means equal
+    q = load_quantized(path, dtype=trained.get_input_embeddings().weight.dtype).eval()
+    q.set_attn_implementation(trained.config._attn_implementation)
+    was = trained.training
+    trained.eval()
+    with torch.no_grad():
+        a, b = trained(input_ids=x).logits.float(), q(input_ids=x).logits.float()
+    trained.train(was)
+    return {"matches_trained": bool(torch.equal(a, b)), "max_logit_diff": float((a - b).abs().max())}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="qft-demo", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--qat-start", type=int, default=75, help="optimizer step from which QAT is on")
+    p.add_argument("--qat-start", type=int, default=40, help="optimizer step at which the grid is solved and QAT "
+                                                             "switches on")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--num-val", type=int, default=100, help="held-out problems for accuracy")
     p.add_argument("--group-size", type=int, default=64, help="64 divides SmolLM2's 576 and 1536 (128 does not)")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--calib-len", type=int, default=64)
@@ -117,6 +148,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if not 0 <= args.qat_start < args.steps:
         raise ValueError(f"--qat-start {args.qat_start}: must be in [0, --steps={args.steps}).")
+    out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists():
+        raise FileExistsError(f"--out {str(out)!r} already exists; qft never overwrites a result. Pick another.")
+    wiki_path = Path(args.wikitext or os.environ.get("QFT_WIKITEXT", WIKITEXT))
 
     import pytorch_lightning as pl
 
@@ -126,85 +161,102 @@ def main(argv=None) -> dict:
     from .export.calibration import GENERAL_FRACTION, model_max_length
     from .export.config import GPTQConfig
     from .export.pipeline import export
+    from .export.verify import ExportCheckError
     from .layers import fake_quant_disabled
+    from .qat import GridSolve
 
     quiet(args.verbose)
-    out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists():
-        raise FileExistsError(f"--out {str(out)!r} already exists; qft never overwrites a result. Pick another.")
     t_start = time.perf_counter()
     pl.seed_everything(0, verbose=False)
     tok = models.load_tokenizer(args.model)
-    wiki_eval, wiki_calib = wikitext(tok, args.wikitext)
+    wiki_eval, wiki_calib = wikitext(tok, wiki_path)
+    general = str(wiki_path) if wiki_calib is not None else None
+    init = GridSolve(general_calibration=general, general_start=0.5, general_fraction=GENERAL_FRACTION,
+                     n_samples=args.calib_samples, seq_len=args.calib_len)
+    if general is None:
+        print(f"(no general text at {wiki_path}: the grid is solved on the task alone, so the base's general "
+              "ability is not protected and no WikiText-2 perplexity is measured)", flush=True)
 
-    print(f"[1/5] base model {args.model}: accuracy on {args.num_val} held-out additions ...", flush=True)
-    base = models.load_model(args.model)
-    acc_base = measure(base, tok, args.num_val, None)["acc"]
-    del base
-
-    road = "refines its codes toward the base on general text" if wiki_calib is not None else "writes it as is"
-    print(f"[2/5] quantization-aware QLoRA: NF4 + PRILoRA, {args.steps} steps of {args.batch_size}, QAT on the "
-          f"merged weight (int4 g{args.group_size}) from step {args.qat_start}; the export keeps the learned grid "
-          f"and {road} ...", flush=True)
+    print(f"[1/4] quantization-aware QLoRA: NF4 + PRILoRA, {args.steps} steps of {args.batch_size}; at step "
+          f"{args.qat_start} GPTQ solves the int4 g{args.group_size} grid of the merged weights "
+          f"({'task + general text, general windows anchored to the base' if general else 'task windows'}), and "
+          "the adapters train on it; the export writes that grid as it is ...", flush=True)
     qft_dir, hf_dir = out / "qft-int4", out / "hf-recipe-int4"
     t_fit = time.perf_counter()
-    module, data, callbacks = qa_qlora(args.model, args.steps, args.batch_size, args.lr, args.num_val,
-                                       args.qat_start, args.group_size, out, export_dir=qft_dir, general=wiki_calib,
+    module, data, callbacks = qa_qlora(args.model, args.steps, args.batch_size, args.lr, 100, args.qat_start,
+                                       args.group_size, out, export_dir=qft_dir, init=init, qat_grid="keep",
                                        calib_samples=args.calib_samples, calib_len=args.calib_len)
     fit_s = time.perf_counter() - t_fit
     qft_summary = next(cb for cb in callbacks if hasattr(cb, "checkpoint_path")).summary
+    solved = next(cb for cb in callbacks if hasattr(cb, "solved")).solved
 
-    print("[3/5] the fine-tuned model: its QLoRA adapters on NF4 (fake-quant off), and as trained (on) ...",
-          flush=True)
-    with fake_quant_disabled(module.model):  # (its WikiText-2 perplexity: BENCHMARKS.md; skipped for time)
-        acc_qlora = measure(module.model, tok, args.num_val, None)["acc"]
-    acc_trained = measure(module.model, tok, args.num_val, None)["acc"]
-
-    print("[4/5] Hugging Face's recipe from the same adapters: merge into the original fp base, GPTQ int4 ...",
+    print("[2/4] Hugging Face's recipe from the same adapters: merge into the original fp base, GPTQ int4 ...",
           flush=True)
     calib = calibration_mix(data, wiki_calib, tok, args.calib_samples, args.calib_len, GENERAL_FRACTION,
                             max_length=model_max_length(module.model))
-    cfg = GPTQConfig(bits=4, group_size=args.group_size)
-    hf_summary = export(module.model, tok, calib, hf_dir, cfg, base_name=args.model, merge_into="original",
-                        qat_grid="resolve", progress=False)
+    try:
+        hf_summary = export(module.model, tok, calib, hf_dir, GPTQConfig(bits=4, group_size=args.group_size),
+                            base_name=args.model, merge_into="original", qat_grid="resolve", progress=False)
+    except ExportCheckError as e:  # the recipe's checkpoint failed the check before the rename: nothing written
+        hf_summary = {"refused": str(e)}
+        print(f"    refused: {e}", flush=True)
 
-    print("[5/5] the exported checkpoints, run in pure torch ...", flush=True)
+    print("[3/4] the fine-tuned model: its QLoRA adapters on NF4 (fake-quant off), and as trained (on) ...",
+          flush=True)
+    rows = {}
+    with fake_quant_disabled(module.model):
+        rows["qlora"] = row(module.model, tok, wiki_eval)
+    rows["trained"] = row(module.model, tok, wiki_eval)
+
+    print("[4/4] the exported checkpoints, run in pure torch ...", flush=True)
     exports = {}
     for road, path, summary in (("hf_recipe", hf_dir, hf_summary), ("qft", qft_dir, qft_summary)):
-        q = load_quantized(path, dtype=torch.float32)
-        exports[road] = {**measure(q, tok, args.num_val, wiki_eval), "bytes": _size(path), "path": str(path.resolve()),
-                         "export_s": round(summary["seconds"], 1), "merge_into": summary["merge_into"],
-                         "qat_grid": summary["qat_grid"], "general_target": summary["general_target"]}
+        if "refused" in summary:
+            rows[road] = {"acc_1000": None, "acc_1000_se": None, "wikitext_ppl": None}
+            exports[road] = {"path": None, "bytes": None, "export_s": None, "refused": summary["refused"]}
+            continue
+        q = load_quantized(path)  # as a user loads it: the dtype the checkpoint declares
+        rows[road] = row(q, tok, wiki_eval)
         del q
+        exports[road] = {"path": str(path.resolve()), "bytes": _size(path), "export_s": round(summary["seconds"], 1),
+                         "merge_into": summary["merge_into"], "qat_grid": summary["qat_grid"],
+                         "general_target": summary["general_target"]}
+    exports["qft"].update(matches_trained(module.model, qft_dir, module.model.config.vocab_size))
 
-    summary = {"model": args.model, "acc_base": acc_base, "acc_qlora": acc_qlora, "acc_trained_fake_quant": acc_trained,
-               "steps": args.steps, "qat_start": args.qat_start,
-               "group_size": args.group_size, "calibration": "task+wikitext" if wiki_calib is not None else "task",
-               "fit_s": round(fit_s, 1), "exports": exports, "adapter_dir": module.adapter_dir,
-               "seconds": round(time.perf_counter() - t_start, 1)}
+    summary = {"model": args.model, "rows": rows, "exports": exports, "steps": args.steps,
+               "qat_start": args.qat_start, "group_size": args.group_size, "grid_solve": solved,
+               "calibration": "task+wikitext" if general else "task",
+               "general_ability_protected": general is not None, "fit_s": round(fit_s, 1),
+               "adapter_dir": module.adapter_dir, "seconds": round(time.perf_counter() - t_start, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_table(summary, out)
     return summary
 
 
+ROW_NAMES = {"qlora": "QLoRA NF4 + PRILoRA adapters", "trained": "  as trained (fake-quant on)",
+             "hf_recipe": "int4: Hugging Face's recipe", "qft": "int4: qft (the grid as trained)"}
+
+
 def _print_table(s: dict, out: Path) -> None:
     ppl = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    rows = [("base (fp32)", s["acc_base"], None, None),
-            ("QLoRA NF4 + PRILoRA adapters", s["acc_qlora"], None, None),
-            ("  as trained (fake-quant on)", s["acc_trained_fake_quant"], None, None),
-            ("int4: Hugging Face's recipe", s["exports"]["hf_recipe"]["acc"], s["exports"]["hf_recipe"]["wikitext_ppl"],
-             s["exports"]["hf_recipe"]["bytes"]),
-            ("int4: qft quantization-aware", s["exports"]["qft"]["acc"], s["exports"]["qft"]["wikitext_ppl"],
-             s["exports"]["qft"]["bytes"])]
     print()
-    print(f"{'model':<32}{'accuracy':>10}{'WikiText-2 ppl':>16}{'on disk':>12}")
-    for name, acc, p, size in rows:
-        print(f"{name:<32}{acc:>10.1%}{ppl(p):>16}{'-' if size is None else f'{size / 2**20:.1f} MB':>12}")
+    print(f"{'model':<34}{'acc (1000)':>14}{'WikiText-2 ppl':>16}{'on disk':>12}")
+    for key, name in ROW_NAMES.items():
+        r = s["rows"][key]
+        size = s["exports"][key]["bytes"] if key in s["exports"] else None
+        if r["acc_1000"] is None:
+            print(f"{name:<34}{'refused by the export check (nothing written)':>42}")
+            continue
+        acc = f"{r['acc_1000']:.1%} ±{r['acc_1000_se']:.1%}"
+        print(f"{name:<34}{acc:>14}{ppl(r['wikitext_ppl']):>16}{'-' if size is None else f'{size / 2**20:.1f} MB':>12}")
     q = s["exports"]["qft"]
-    how = ("the grid QAT learned, its codes refined by GPTQ: task windows keep the fine-tune, general text the base"
-           if q["general_target"] == "base" else "the grid QAT learned, written as is")
-    print(f"\n(hf recipe: merge into the original fp weights + GPTQ, {s['calibration']} calibration; qft: {how})"
-          f"\nfit {s['fit_s']:.0f} s, total {s['seconds']:.0f} s; summary in {out / 'summary.json'}")
+    same = "bit for bit" if q["matches_trained"] else f"NOT bit for bit (max logit diff {q['max_logit_diff']:.2e})"
+    print(f"\n(hf recipe: merge into the original fp weights + GPTQ, {s['calibration']} calibration; qft: the grid "
+          f"solved at step {s['qat_start']} and trained on, written as is: the checkpoint is the model as trained, "
+          f"{same})")
+    if not s["general_ability_protected"]:
+        print("(no general text: general ability was not protected)")
+    print(f"fit {s['fit_s']:.0f} s, total {s['seconds']:.0f} s; summary in {out / 'summary.json'}")
 
 
 if __name__ == "__main__":

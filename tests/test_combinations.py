@@ -5,7 +5,8 @@ The matrix (tiny-llama, 4 steps, fp32 so that comparisons are exact):
 
 - base: ``fp`` (LoRA on fp32 weights), ``nf4`` (QLoRA), ``full`` (full fine-tune, no adapter);
 - ``PRILoRACallback`` on or off (adapter bases only);
-- ``QATCallback``: none, ``plain`` (``lora_merged=False``), ``merged`` (``lora_merged=True``);
+- ``QATCallback``: none, ``plain`` (``lora_merged=False``), ``merged`` (``lora_merged=True``, learned scales),
+  ``solved`` (``init="gptq"``: the grid solved at QAT start, then fixed);
 - ``DistillationModule(distill={"teacher": "self"})`` or the plain module;
 - ``GPTQExportCallback`` always, since every combination must end in a checkpoint that
   ``qft.load_quantized`` runs (``test_cli_export_of_the_full_combination`` covers the post-training
@@ -23,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 
 BASES = {"fp": dict(adapter="lora"), "nf4": dict(quantization="nf4", adapter="lora"), "full": dict()}
-QATS = ("none", "plain", "merged")
+QATS = ("none", "plain", "merged", "solved")
 STEPS = 4
 
 
@@ -41,6 +42,8 @@ def _refusal(base, qat, distill):
         return "lora_merged=True"  # a grid under an unmerged adapter is on no trained grid: use the merge
     if base == "full" and distill and qat == "none":
         return "teacher='self'"  # the self-teacher would be the student itself
+    if base != "full" and distill and qat == "solved":
+        return "name a full-precision teacher"  # adapters trained for a fixed grid mean nothing off it
     return None
 
 
@@ -68,7 +71,10 @@ def _callbacks(tmp_path, prilora, qat):
 
     cbs = [GPTQExportCallback(tmp_path / "int4", group_size=64, dtype="float32", save_dtype="float32",
                               progress=False, n_samples=4, seq_len=32)]
-    if qat != "none":  # listed before PRILoRA on purpose: the order of callbacks must not matter
+    if qat == "solved":
+        cbs.append(QATCallback(weight=QuantScheme(bits=4, group_size=64), start_step=1,
+                               init={"method": "gptq", "n_samples": 4, "seq_len": 32}))
+    elif qat != "none":  # listed before PRILoRA on purpose: the order of callbacks must not matter
         cbs.append(QATCallback(weight=QuantScheme(bits=4, group_size=64), start_step=1, range_learning=True,
                                lora_merged=qat == "merged"))
     if prilora:
@@ -260,11 +266,11 @@ def test_every_export_format_composes_with_nf4_prilora_qat_and_distillation(tmp_
 
 
 @pytest.mark.parametrize("base", ["fp", "nf4"])
-@pytest.mark.parametrize("merged", [True, False])
-def test_gguf_q4_0_keeps_a_g32_qat_grid_with_prilora_and_self_distillation(tmp_path, base, merged):
+@pytest.mark.parametrize("qat", ["merged", "solved", "unmerged"])
+def test_gguf_q4_0_keeps_a_g32_qat_grid_with_prilora_and_self_distillation(tmp_path, base, qat):
     """QAT on int4 group 32 (GGUF's Q4_0) + PRILoRA + self-distillation on an fp or NF4 base, exported by
     GGUFExportCallback(quant="Q4_0") in the same fit: with the adapters merged into the fake-quant weight
-    the file holds the learned codes and scales bit for bit; with the adapters outside the grid it is
+    (min-max scales, or a grid solved at QAT start) the file holds the trained codes and scales bit for bit; with the adapters outside the grid it is
     refused at set-up, before any step, nothing written."""
     from qft import layers
     from qft.export.gguf import load_gguf
@@ -273,12 +279,13 @@ def test_gguf_q4_0_keeps_a_g32_qat_grid_with_prilora_and_self_distillation(tmp_p
     from qft.qat import QATCallback
     from qft.quant import QuantScheme
 
-    module = _module(base, distill=True)
+    module = _module(base, distill=qat != "solved")  # a solved grid refuses the self-teacher (test_combination)
     export = GGUFExportCallback(tmp_path / "model.gguf", quant="Q4_0", progress=False)
     cbs = [export, PRILoRACallback(r_start=2, r_end=6, final_sparsity=0.5, start_step=1, end_step=3, interval=1),
-           QATCallback(weight=QuantScheme(bits=4, group_size=32), start_step=1, lora_merged=merged)]
+           QATCallback(weight=QuantScheme(bits=4, group_size=32), start_step=1, lora_merged=qat != "unmerged",
+                       init={"method": "gptq", "n_samples": 4, "seq_len": 32} if qat == "solved" else "minmax")]
     trainer, data, counter, _ = _fit(tmp_path, module, cbs)
-    if not merged:
+    if qat == "unmerged":
         with pytest.raises(ValueError, match="unmerged LoRA"):
             trainer.fit(module, datamodule=data)
         assert counter.steps == 0 and not export.output_dir.exists()

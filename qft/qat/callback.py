@@ -101,6 +101,8 @@ class QATCallback(pl.Callback):
             if stage == "fit":
                 prepare(pl_module, self.config)  # raises the "already converted" error
             return  # validate/test/predict of a converted model: nothing to fake-quantize
+        if stage == "fit" and self.config.solve is not None:
+            _refuse_self_teacher(pl_module)
         self.swapped = sorted(set(self.swapped) | set(prepare(pl_module, self.config)))
         record_change(pl_module, "qft.qat.restore.rebuild", self.config.to_dict())
         if stage == "fit" and self.last_step < 0:
@@ -187,6 +189,20 @@ class QATCallback(pl.Callback):
         self.last_step = int(state_dict.get("last_step", -1))
         self.converted = bool(state_dict.get("converted", False))
         self.solved = state_dict.get("solved")
+
+
+def _refuse_self_teacher(pl_module) -> None:
+    """A solved grid and a self-teacher on adapters do not go together: refuse before the first step."""
+    from qft import layers
+
+    if not getattr(getattr(pl_module, "teacher", None), "is_self", False):
+        return
+    model = pl_module.model if hasattr(pl_module, "model") else pl_module
+    if any(not layers.base_trainable(m) for m in layers.linear_layers(layers.unwrap(model)).values()):
+        raise ValueError("QATCallback(init='gptq') with DistillConfig(teacher='self'): once the grid is solved, the "
+                         "adapters train for that grid, and the same adapters without fake-quant (the self-teacher) "
+                         "stop being a meaningful model (WikiText-2 perplexity above 1e5 on the demo, BENCHMARKS.md). "
+                         "Hint: name a full-precision teacher (teacher='smollm2-135m'), or use init='minmax'.")
 
 
 def _own_param_group(opt: torch.optim.Optimizer, params: list, mult: float, scheduler_configs) -> None:

@@ -135,13 +135,18 @@ def solve_grids(model, scheme, solve: GridSolve, tokens: torch.Tensor | None, ba
     from qft.export.sequential import quantize_model
 
     group = scheme.group_size if scheme.granularity == "per_group" else -1
-    cfg = GPTQConfig(bits=scheme.bits, group_size=group, sym=scheme.symmetric, method=solve.method,
-                     act_group_aware=False)
+    # the export's own solver defaults (group-aware reordering keeps g_idx natural, so the grid fits fake-quant)
+    cfg = GPTQConfig(bits=scheme.bits, group_size=group, sym=scheme.symmetric, method=solve.method)
+    if solve.method == "rtn":  # no data, no blocks: any model with fake-quant layers
+        from qft import layers
+        from qft.export.gptq import rtn_solve
+
+        from .layer import _WeightFakeQuantMixin
+
+        return {n: rtn_solve(layers.weight(m), cfg) for n, m in layers.linear_layers(layers.unwrap(model)).items()
+                if isinstance(m, _WeightFakeQuantMixin)}
     device = next(model.parameters()).device
     merged = merge_adapters(model, base_name, merge_into="trained")
-    if solve.method == "rtn":
-        quantized, _ = quantize_model(merged, cfg, None, device=device, progress=False)
-        return quantized
     compute = resolve_dtype("auto", device)
     for p in merged.parameters():
         p.data = p.data.to(compute)
