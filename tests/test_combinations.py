@@ -270,7 +270,8 @@ def test_every_export_format_composes_with_nf4_prilora_qat_and_distillation(tmp_
 def test_gguf_q4_0_keeps_a_g32_qat_grid_with_prilora_and_self_distillation(tmp_path, base, qat):
     """QAT on int4 group 32 (GGUF's Q4_0) + PRILoRA + self-distillation on an fp or NF4 base, exported by
     GGUFExportCallback(quant="Q4_0") in the same fit: with the adapters merged into the fake-quant weight
-    (min-max scales, or a grid solved at QAT start) the file holds the trained codes and scales bit for bit; with the adapters outside the grid it is
+    (min-max scales, or a grid solved at QAT start) the file holds the trained codes and scales bit for
+    bit; with the adapters outside the grid it is
     refused at set-up, before any step, nothing written."""
     from qft import layers
     from qft.export.gguf import load_gguf

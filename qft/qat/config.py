@@ -125,9 +125,9 @@ class QATConfig:
             raise ValueError(f"QATCallback(observer_momentum={m!r}): expected a number in (0, 1], e.g. 0.01.")
         self.init = as_grid_solve(self.init) or "minmax"
         if self.solve is not None and self.range_learning:
-            raise ValueError("QATCallback(init='gptq', range_learning=True): a solved grid keeps the scales GPTQ chose, "
-                             "and range_learning would learn new ones. Pick one: init='minmax' with range_learning, "
-                             "or a solved grid without it.")
+            raise ValueError("QATCallback(init='gptq', range_learning=True): a solved grid keeps the scales GPTQ "
+                             "chose, and range_learning would learn new ones. Pick one: init='minmax' with "
+                             "range_learning, or a solved grid without it.")
         if self.solve is not None and not self.merges_lora:
             raise ValueError("QATCallback(init='gptq', lora_merged=False): the solved grid is the merged weight's "
                              "(W + scaling * B @ A); use lora_merged=None (True).")
