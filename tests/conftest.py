@@ -35,6 +35,16 @@ def _run_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state, so its result does not depend on which tests ran
+    before it (LoRA's initialisation and the synthetic data draw from the global generator)."""
+    import random
+
+    random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def calib_tokens() -> torch.Tensor:
     """Random token ids [16, 64]: enough to make every tiny-llama Hessian full rank (export and ptq tests)."""
