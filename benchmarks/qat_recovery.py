@@ -13,6 +13,12 @@ plain step) compares interleaved steps, not runs taken one after another:
 - ``qat_int{bits}``: QAT with ``qft.qat`` (learned scales, LSQ, on the export grid), then
   ``qft.qat.convert`` to packed ``GPTQLinear``; ``convert_max_abs_logit_diff`` checks that the converted
   model computes what the fake-quant model computed;
+- ``solved_int4_at{step}`` (``--solve-at``, fractions of ``--steps``): the grid solved once by GPTQ on the
+  same ``--calib-windows`` (``qft.qat.solve``, what ``QATConfig(init=GridSolve(...))`` does in a fit), then
+  fixed: the weights train against it with the plain STE. Before the solve step the arm fine-tunes in fp
+  (fake-quant off), so ``at0`` is GPTQ of the pretrained model then QAT, and ``at{steps/2}`` is half a
+  fine-tune, GPTQ, then QAT on that grid. The solve's seconds are kept out of the step times, and the
+  step ratio is over the steps after the solve;
 - ``torchao_int4`` (when torchao imports): torchao's ``IntxFakeQuantizer`` QAT at the same group, its
   trained weights then exported on the GPTQ grid qft writes (RTN), since that is what a GPTQ runtime loads.
 
@@ -45,6 +51,8 @@ if (ROOT / ".venv-torchao").is_dir():  # `make torchao`: torchao for this benchm
 from qft.evaluate import perplexity  # noqa: E402
 from qft.models import load_model, load_tokenizer  # noqa: E402
 from qft.qat import QATConfig, convert, prepare  # noqa: E402
+from qft.qat.prepare import set_state  # noqa: E402
+from qft.qat.solve import GridSolve, solve_and_install  # noqa: E402
 from qft.quant import QuantScheme  # noqa: E402
 
 
@@ -132,6 +140,11 @@ def make_arms(a) -> dict:
         m = load_model(a.model)
         prepare(m, qat_config(bits, a.group_size, range_learning=True))
         arms[f"qat_int{bits}"] = m
+    for name in a.solved:
+        m = load_model(a.model)
+        prepare(m, qat_config(4, a.group_size))
+        set_state(m, enabled=False, observing=False)  # fp until the solve step
+        arms[name] = m
     if a.torchao_version:
         m = load_model(a.model)
         torchao_prepare(m, 4, a.group_size, True)
@@ -140,15 +153,18 @@ def make_arms(a) -> dict:
             for k, m in arms.items()}
 
 
-def train_lockstep(arms: dict, data, log, dtype=torch.float32) -> dict:
+def train_lockstep(arms: dict, data, log, dtype=torch.float32, before: dict | None = None) -> dict:
     """One step of every arm per batch, in a rotating order; returns per-arm step times and losses.
-    ``dtype`` bfloat16 runs each forward under CPU autocast (the weights, grads and AdamW stay fp32)."""
+    ``dtype`` bfloat16 runs each forward under CPU autocast (the weights, grads and AdamW stay fp32).
+    ``before`` ``{step: [fn(arms)]}`` runs untimed before that step (the grid solves)."""
     names = list(arms)
     times = {k: [] for k in names}
     losses = {k: [] for k in names}
     for m, _ in arms.values():
         m.train()
     for i, x in enumerate(data):
+        for fn in (before or {}).get(i, []):
+            fn(arms)
         for k in names[i % len(names):] + names[: i % len(names)]:
             model, opt = arms[k]
             t = time.perf_counter()
@@ -205,12 +221,20 @@ def main(argv=None):
                         "evaluation is always fp32")
     p.add_argument("--torchao", choices=["on", "off"], default="on", help="the torchao arm and micro-benchmark")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    p.add_argument("--solve-at", type=float, nargs="*", default=[0.0, 0.5],
+                   help="int4 arms whose grid GPTQ solves once at this fraction of --steps, then fixed "
+                        "(none: no such arms)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--micro-only", action="store_true", help="only the qft-vs-torchao fake-quant micro-benchmark")
     p.add_argument("--step-time-only", action="store_true",
                    help="only the lockstep training (step times and their ratios to plain); "
                         "no PTQ, no evaluation after it")
     a = p.parse_args(argv)
+    if any(not 0 <= f < 1 for f in a.solve_at):
+        p.error(f"--solve-at {a.solve_at}: fractions of --steps in [0, 1), e.g. --solve-at 0 0.5")
+    if a.solve_at and 4 not in a.bits:
+        p.error("--solve-at: the solved arms are int4 and compare with the int4 PTQ; keep 4 in --bits")
+    a.solved = {f"solved_int4_at{int(f * a.steps)}": int(f * a.steps) for f in a.solve_at}
     out = Path(a.out)
     if out.exists():
         sys.exit(f"{out} exists; refusing to overwrite (pick another --out).")
@@ -259,12 +283,30 @@ def main(argv=None):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(a.compute_dtype) or \
         (torch.bfloat16 if bf16_supported(torch.device("cpu")) else torch.float32)
     res["compute_dtype"] = str(dtype).replace("torch.", "")
-    run = train_lockstep(arms, data, log, dtype)
+    solves = {}
+
+    def solver(name):
+        def fn(arms):
+            model = arms[name][0]
+            scheme = scheme_for(4, a.group_size)
+            solves[name] = solve_and_install(model, scheme, GridSolve(n_samples=a.calib_windows, seq_len=a.seq_len),
+                                             calib, None)
+            set_state(model, enabled=True, observing=False)
+            log(f"{name}: grid solved ({solves[name]})")
+        return fn
+
+    before = {}
+    for name, step in a.solved.items():
+        before.setdefault(step, []).append(solver(name))
+    run = train_lockstep(arms, data, log, dtype, before)
     med = {k: statistics.median(v) for k, v in run["times"].items()}
     res["step_s"] = med
     res["step_times_s"] = run["times"]
     res["train_loss_last10"] = {k: statistics.mean(v[-10:]) for k, v in run["losses"].items()}
     res["step_time_ratio"] = {k: v / med["plain"] for k, v in med.items() if k != "plain"}
+    for name, step in a.solved.items():  # over the steps on the grid only
+        t = run["times"]
+        res["step_time_ratio"][name] = statistics.median(t[name][step:]) / statistics.median(t["plain"][step:])
     log("step time vs plain (median of interleaved steps): "
         + ", ".join(f"{k} {v:.3f}" for k, v in res["step_time_ratio"].items()))
     if a.step_time_only:
@@ -298,6 +340,24 @@ def main(argv=None):
         log(f"QAT int{bits}: ppl {qat_ppl:.3f}, recovered {r['recovered']:.3f} (vs GPTQ {r['recovered_vs_gptq']:.3f}), "
             f"step ratio {r['step_time_ratio']:.3f}, convert diff {diff:.2e}")
 
+    for name, step in a.solved.items():
+        model = arms.pop(name)[0]
+        model.eval()
+        with torch.no_grad():
+            fq_logits = model(input_ids=probe).logits
+        convert(model)
+        with torch.no_grad():
+            diff = (model(input_ids=probe).logits - fq_logits).abs().max().item()
+        qat_ppl = a.ppl(model)
+        del model
+        ref = res["int4"]
+        res[name] = {"solve_step": step, "solve": solves[name], "qat_ppl": qat_ppl,
+                     "recovered": (ref["ptq_ppl"] - qat_ppl) / (ref["ptq_ppl"] - fp_ppl),
+                     "recovered_vs_gptq": (ref["ptq_gptq_ppl"] - qat_ppl) / (ref["ptq_gptq_ppl"] - fp_ppl),
+                     "step_time_ratio": res["step_time_ratio"][name], "convert_max_abs_logit_diff": diff}
+        log(f"{name}: ppl {qat_ppl:.3f}, recovered {res[name]['recovered']:.3f} "
+            f"(vs GPTQ {res[name]['recovered_vs_gptq']:.3f}), step ratio {res[name]['step_time_ratio']:.3f}")
+
     if "torchao_int4" in arms:
         model = arms.pop("torchao_int4")[0]
         fq = a.ppl(model)  # torchao's own fake-quant numerics
@@ -321,6 +381,10 @@ def main(argv=None):
         r = res[f"int{bits}"]
         print(f"{'qft int' + str(bits):>14} {r['fp_ppl']:8.3f} {r['ptq_ppl']:8.3f} {r['ptq_gptq_ppl']:9.3f} "
               f"{r['qat_ppl']:8.3f} {r['recovered']:9.3f} {r['recovered_vs_gptq']:8.3f} {r['step_time_ratio']:7.3f}")
+    for name in a.solved:
+        r, ref = res[name], res["int4"]
+        print(f"{name:>14} {ref['fp_ppl']:8.3f} {ref['ptq_ppl']:8.3f} {ref['ptq_gptq_ppl']:9.3f} {r['qat_ppl']:8.3f} "
+              f"{r['recovered']:9.3f} {r['recovered_vs_gptq']:8.3f} {r['step_time_ratio']:7.3f}")
     t = res["torchao"]
     if "int4" in t:
         r = t["int4"]

@@ -190,7 +190,8 @@ def broadcast(model) -> None:
 def solve_and_install(pl_module, scheme, solve: GridSolve, tokens, base_name) -> dict:
     """Solve, install and broadcast; returns what happened, for the log."""
     t0 = time.perf_counter()
-    model = pl_module.model if hasattr(pl_module, "model") else pl_module
+    # a LightningModule holds the model in .model; a Hugging Face model's own .model is its inner decoder
+    model = pl_module if hasattr(pl_module, "config") else getattr(pl_module, "model", pl_module)
     was_training = model.training
     model.eval()
     try:

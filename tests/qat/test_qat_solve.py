@@ -132,6 +132,32 @@ def test_a_plain_weight_is_written_onto_the_grid():
     assert torch.equal(layer.quantized_weight().codes, qw.codes)
 
 
+def test_a_bare_hugging_face_model_is_solved_as_the_export_would(calib_tokens):
+    """``solve_and_install`` takes a plain HF model (a fine-tune script without Lightning) as well as a
+    LightningModule; its grid is the one GPTQ export gives the same weights, and the model computes it."""
+    from qft.export.config import GPTQConfig
+    from qft.export.sequential import quantize_model
+    from qft.models import load_model
+    from qft.qat import prepare
+    from qft.qat.prepare import fake_quant_modules
+    from qft.qat.solve import solve_and_install
+
+    scheme = QuantScheme(bits=4, group_size=64)
+    model = load_model("tiny-llama", dtype=torch.float32)
+    from qft.export.pipeline import resolve_dtype
+
+    plain = load_model("tiny-llama", dtype=resolve_dtype("auto", torch.device("cpu")))  # the export's compute dtype
+    reference, _ = quantize_model(plain, GPTQConfig(bits=4, group_size=64, sym=True), tokens=calib_tokens,
+                                  progress=False)
+    prepare(model, QATConfig(weight=scheme))
+    info = solve_and_install(model, scheme, GridSolve(), calib_tokens, None)
+    assert info["layers"] == len(reference) == 4 * 7
+    for name, layer in fake_quant_modules(model):
+        name = name.removeprefix("model.") if name not in reference else name
+        qw = layer.quantized_weight()
+        assert layer.fixed_grid and torch.equal(qw.codes, reference[name].codes.to(qw.codes.dtype)), name
+
+
 class _Perturb(pl.Callback):
     """Rank 1 moves its weights just before the solve, so only a broadcast can make the ranks agree."""
 
