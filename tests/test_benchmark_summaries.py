@@ -2,6 +2,7 @@
 how they write their results."""
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,12 @@ def test_qat_recovery_step_time_only_trains_in_lockstep_and_stops_before_ptq(tmp
     _load("qat_recovery").main(["--out", str(out), "--model", "tiny-llama", "--steps", "2", "--batch-size", "1",
                                 "--seq-len", "32", "--eval-tokens", "32", "--torchao", "off", "--step-time-only"])
     res = json.loads(out.read_text())
-    assert {k: len(v) for k, v in res["step_times_s"].items()} == {"plain": 2, "qat_int4": 2, "qat_int3": 2}
+    arms = {"plain", "qat_int4", "qat_int3", "solved_int4_at0", "solved_int4_at1"}  # --solve-at 0 0.5 by default
+    assert {k: len(v) for k, v in res["step_times_s"].items()} == dict.fromkeys(arms, 2)
     for arm in ("qat_int4", "qat_int3"):
         assert res["step_time_ratio"][arm] == pytest.approx(res["step_s"][arm] / res["step_s"]["plain"])
+    t = res["step_times_s"]  # a solved arm's ratio is over the steps on its grid only
+    assert res["step_time_ratio"]["solved_int4_at1"] == pytest.approx(t["solved_int4_at1"][1] / t["plain"][1])
+    assert res["step_time_ratio"]["solved_int4_at0"] == pytest.approx(
+        statistics.median(t["solved_int4_at0"]) / statistics.median(t["plain"]))
     assert "fp_ppl" not in res and "int4" not in res  # no evaluation or PTQ after the training
