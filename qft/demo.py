@@ -1,11 +1,13 @@
 """``make demo``: one fine-tune of the embedded SmolLM2-135M-Instruct, deployed int4 by two roads, on a CPU.
 
 1. quantization-aware QLoRA (``recipes/qa_qlora.yaml``): NF4 base, PRILoRA adapters (ranks 4 -> 12
-   with depth, A pruned by importance). At ``--qat-start`` the merged weights ``W_nf4 + B@A`` get an int4
-   grid solved by GPTQ on task windows and general text (the general windows anchored to the released
-   base, ``qft.qat.solve``); the adapters then train the task back on that fixed grid. At fit end
+   with depth, A pruned by importance). At ``--qat-start`` (default: the last step) the merged weights
+   ``W_nf4 + B@A`` get an int4 grid solved by GPTQ on task windows and general text (the general windows
+   anchored to the released base, ``qft.qat.solve``), and the fit ends on that fixed grid. At fit end
    ``GPTQExportCallback`` writes the grid as it is (``qat_grid="keep"``): the checkpoint is the model as
-   trained, bit for bit (``matches_trained``);
+   trained, bit for bit (``matches_trained``). Why the last step: the steps trained on the fixed grid
+   after the solve cost task accuracy (BENCHMARKS.md, "Main job": of 120 steps, 79.6% solved at step 119,
+   75.0% at 110, 73.6% at 40), and adapters trained on the grid lose their fp view;
 2. Hugging Face's recipe from the same adapters: merge into the original fp base, then GPTQ int4;
 3. four rows, each measured the same way: the QLoRA adapters on NF4 (fake-quant off), the model as
    trained (fake-quant on), and the two exported checkpoints (run in pure torch): teacher-forced exact
@@ -17,7 +19,7 @@ Both roads calibrate on the same kind of windows: the task, with a quarter from 
 from its second half, disjoint from the evaluation windows, per ``../shared/data/README.md``) when that
 file is present, else the task alone (then general ability is not protected, and the output says so).
 
-    python -m qft.demo [--steps 120] [--qat-start 40] [--out runs/demo-<time>]
+    python -m qft.demo [--steps STEPS] [--qat-start STEPS-1] [--out runs/demo-<time>]
 """
 from __future__ import annotations
 
@@ -134,9 +136,9 @@ def matches_trained(trained, path, vocab_size: int) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="qft-demo", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--qat-start", type=int, default=40, help="optimizer step at which the grid is solved and QAT "
-                                                             "switches on")
+    p.add_argument("--steps", type=int, default=110)
+    p.add_argument("--qat-start", type=int, default=None, help="optimizer step at which the grid is solved and "
+                                                               "the fit goes on on it (default: the last step)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--group-size", type=int, default=64, help="64 divides SmolLM2's 576 and 1536 (128 does not)")
@@ -146,8 +148,13 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="run directory (default runs/demo-<time>; must not exist)")
     p.add_argument("--verbose", action="store_true", help="keep the library lines qft silences (qft.console)")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps {args.steps}: must be at least 1")
+    if args.qat_start is None:
+        args.qat_start = args.steps - 1
     if not 0 <= args.qat_start < args.steps:
-        raise ValueError(f"--qat-start {args.qat_start}: must be in [0, --steps={args.steps}).")
+        p.error(f"--qat-start {args.qat_start}: must be in [0, --steps={args.steps}); the default, the last "
+                "step, solves the grid once the adapters have trained")
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists():
         raise FileExistsError(f"--out {str(out)!r} already exists; qft never overwrites a result. Pick another.")
@@ -180,7 +187,8 @@ def main(argv=None) -> dict:
     print(f"[1/4] quantization-aware QLoRA: NF4 + PRILoRA, {args.steps} steps of {args.batch_size}; at step "
           f"{args.qat_start} GPTQ solves the int4 g{args.group_size} grid of the merged weights "
           f"({'task + general text, general windows anchored to the base' if general else 'task windows'}), and "
-          "the adapters train on it; the export writes that grid as it is ...", flush=True)
+          f"the {args.steps - args.qat_start} last step(s) train on it; the export writes that grid as it is ...",
+          flush=True)
     qft_dir, hf_dir = out / "qft-int4", out / "hf-recipe-int4"
     t_fit = time.perf_counter()
     module, data, callbacks = qa_qlora(args.model, args.steps, args.batch_size, args.lr, 100, args.qat_start,
@@ -252,7 +260,7 @@ def _print_table(s: dict, out: Path) -> None:
     q = s["exports"]["qft"]
     same = "bit for bit" if q["matches_trained"] else f"NOT bit for bit (max logit diff {q['max_logit_diff']:.2e})"
     print(f"\n(hf recipe: merge into the original fp weights + GPTQ, {s['calibration']} calibration; qft: the grid "
-          f"solved at step {s['qat_start']} and trained on, written as is: the checkpoint is the model as trained, "
+          f"solved at step {s['qat_start']} of {s['steps']} and trained on, written as is: the checkpoint is the model as trained, "
           f"{same})")
     if not s["general_ability_protected"]:
         print("(no general text: general ability was not protected)")
