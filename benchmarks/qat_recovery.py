@@ -13,6 +13,8 @@ plain step) compares interleaved steps, not runs taken one after another:
 - ``qat_int{bits}``: QAT with ``qft.qat`` (learned scales, LSQ, on the export grid), then
   ``qft.qat.convert`` to packed ``GPTQLinear``; ``convert_max_abs_logit_diff`` checks that the converted
   model computes what the fake-quant model computed;
+- ``qat_int4_lrx{m}`` (``--lsq-lr-mult``): the int4 LSQ arm with its learned scales at ``--lr`` times
+  ``m`` (``QATConfig.lr_multiplier``), the rest at ``--lr``;
 - ``solved_int4_at{step}`` (``--solve-at``, fractions of ``--steps``): the grid solved once by GPTQ on the
   same ``--calib-windows`` (``qft.qat.solve``, what ``QATConfig(init=GridSolve(...))`` does in a fit), then
   fixed: the weights train against it with the plain STE. Before the solve step the arm fine-tunes in fp
@@ -140,6 +142,10 @@ def make_arms(a) -> dict:
         m = load_model(a.model)
         prepare(m, qat_config(bits, a.group_size, range_learning=True))
         arms[f"qat_int{bits}"] = m
+    for name in a.lsq:
+        m = load_model(a.model)
+        prepare(m, qat_config(4, a.group_size, range_learning=True))
+        arms[name] = m
     for name in a.solved:
         m = load_model(a.model)
         prepare(m, qat_config(4, a.group_size))
@@ -149,8 +155,17 @@ def make_arms(a) -> dict:
         m = load_model(a.model)
         torchao_prepare(m, 4, a.group_size, True)
         arms["torchao_int4"] = m
-    return {k: (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0))
-            for k, m in arms.items()}
+    return {k: (m, optimizer(m, a.lr, a.lsq.get(k, 1.0))) for k, m in arms.items()}
+
+
+def optimizer(model, lr: float, scale_mult: float):
+    """AdamW over the trainable parameters; the learned scales and zeros at ``lr * scale_mult`` (what
+    ``QATConfig.lr_multiplier`` gives in a fit)."""
+    scales = {id(p) for mod in model.modules() if hasattr(mod, "qat_params") for p in mod.qat_params()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in scales], "lr": lr},
+              {"params": [p for p in params if id(p) in scales], "lr": lr * scale_mult}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=0.0)
 
 
 def train_lockstep(arms: dict, data, log, dtype=torch.float32, before: dict | None = None) -> dict:
@@ -224,6 +239,8 @@ def main(argv=None):
     p.add_argument("--solve-at", type=float, nargs="*", default=[0.0, 0.5],
                    help="int4 arms whose grid GPTQ solves once at this fraction of --steps, then fixed "
                         "(none: no such arms)")
+    p.add_argument("--lsq-lr-mult", type=float, nargs="*", default=[],
+                   help="extra int4 LSQ arms whose learned scales train at --lr times this (1: the qat_int4 arm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--micro-only", action="store_true", help="only the qft-vs-torchao fake-quant micro-benchmark")
     p.add_argument("--step-time-only", action="store_true",
@@ -235,6 +252,9 @@ def main(argv=None):
     if a.solve_at and 4 not in a.bits:
         p.error("--solve-at: the solved arms are int4 and compare with the int4 PTQ; keep 4 in --bits")
     a.solved = {f"solved_int4_at{int(f * a.steps)}": int(f * a.steps) for f in a.solve_at}
+    if any(m <= 0 for m in a.lsq_lr_mult) or (a.lsq_lr_mult and 4 not in a.bits):
+        p.error(f"--lsq-lr-mult {a.lsq_lr_mult}: positive multipliers of --lr, with 4 in --bits (int4 arms)")
+    a.lsq = {f"qat_int4_lrx{m:g}": m for m in a.lsq_lr_mult}
     out = Path(a.out)
     if out.exists():
         sys.exit(f"{out} exists; refusing to overwrite (pick another --out).")
@@ -340,7 +360,7 @@ def main(argv=None):
         log(f"QAT int{bits}: ppl {qat_ppl:.3f}, recovered {r['recovered']:.3f} (vs GPTQ {r['recovered_vs_gptq']:.3f}), "
             f"step ratio {r['step_time_ratio']:.3f}, convert diff {diff:.2e}")
 
-    for name, step in a.solved.items():
+    for name in [*a.lsq, *a.solved]:  # the extra int4 arms, against the int4 PTQ of the plain fine-tune
         model = arms.pop(name)[0]
         model.eval()
         with torch.no_grad():
@@ -351,7 +371,9 @@ def main(argv=None):
         qat_ppl = a.ppl(model)
         del model
         ref = res["int4"]
-        res[name] = {"solve_step": step, "solve": solves[name], "qat_ppl": qat_ppl,
+        extra = {"scale_lr_mult": a.lsq[name]} if name in a.lsq else {"solve_step": a.solved[name],
+                                                                        "solve": solves[name]}
+        res[name] = {**extra, "qat_ppl": qat_ppl,
                      "recovered": (ref["ptq_ppl"] - qat_ppl) / (ref["ptq_ppl"] - fp_ppl),
                      "recovered_vs_gptq": (ref["ptq_gptq_ppl"] - qat_ppl) / (ref["ptq_gptq_ppl"] - fp_ppl),
                      "step_time_ratio": res["step_time_ratio"][name], "convert_max_abs_logit_diff": diff}
@@ -381,7 +403,7 @@ def main(argv=None):
         r = res[f"int{bits}"]
         print(f"{'qft int' + str(bits):>14} {r['fp_ppl']:8.3f} {r['ptq_ppl']:8.3f} {r['ptq_gptq_ppl']:9.3f} "
               f"{r['qat_ppl']:8.3f} {r['recovered']:9.3f} {r['recovered_vs_gptq']:8.3f} {r['step_time_ratio']:7.3f}")
-    for name in a.solved:
+    for name in [*a.lsq, *a.solved]:
         r, ref = res[name], res["int4"]
         print(f"{name:>14} {ref['fp_ppl']:8.3f} {ref['ptq_ppl']:8.3f} {ref['ptq_gptq_ppl']:9.3f} {r['qat_ppl']:8.3f} "
               f"{r['recovered']:9.3f} {r['recovered_vs_gptq']:8.3f} {r['step_time_ratio']:7.3f}")

@@ -71,9 +71,10 @@ def test_qat_recovery_step_time_only_trains_in_lockstep_and_stops_before_ptq(tmp
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as `python benchmarks/qat_recovery.py` has it
     out = tmp_path / "steps.json"
     _load("qat_recovery").main(["--out", str(out), "--model", "tiny-llama", "--steps", "2", "--batch-size", "1",
-                                "--seq-len", "32", "--eval-tokens", "32", "--torchao", "off", "--step-time-only"])
+                                "--seq-len", "32", "--eval-tokens", "32", "--torchao", "off", "--step-time-only",
+                                "--lsq-lr-mult", "10"])
     res = json.loads(out.read_text())
-    arms = {"plain", "qat_int4", "qat_int3", "solved_int4_at0", "solved_int4_at1"}  # --solve-at 0 0.5 by default
+    arms = {"plain", "qat_int4", "qat_int3", "qat_int4_lrx10", "solved_int4_at0", "solved_int4_at1"}
     assert {k: len(v) for k, v in res["step_times_s"].items()} == dict.fromkeys(arms, 2)
     for arm in ("qat_int4", "qat_int3"):
         assert res["step_time_ratio"][arm] == pytest.approx(res["step_s"][arm] / res["step_s"]["plain"])
@@ -82,3 +83,19 @@ def test_qat_recovery_step_time_only_trains_in_lockstep_and_stops_before_ptq(tmp
     assert res["step_time_ratio"]["solved_int4_at0"] == pytest.approx(
         statistics.median(t["solved_int4_at0"]) / statistics.median(t["plain"]))
     assert "fp_ppl" not in res and "int4" not in res  # no evaluation or PTQ after the training
+
+
+def test_qat_recovery_optimizer_puts_the_learned_scales_at_their_own_lr(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("qat_recovery")
+    from qft.models import load_model
+    from qft.qat import prepare
+
+    model = load_model("tiny-llama")
+    prepare(model, bench.qat_config(4, 16, range_learning=True))
+    opt = bench.optimizer(model, 1e-4, 10.0)
+    scales = {id(p) for m in model.modules() if hasattr(m, "qat_params") for p in m.qat_params()}
+    assert scales and [g["lr"] for g in opt.param_groups] == [1e-4, pytest.approx(1e-3)]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == scales
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)  # every trainable tensor, once
