@@ -53,6 +53,7 @@ if (ROOT / ".venv-torchao").is_dir():  # `make torchao`: torchao for this benchm
 from qft.evaluate import perplexity  # noqa: E402
 from qft.models import load_model, load_tokenizer  # noqa: E402
 from qft.qat import QATConfig, convert, prepare  # noqa: E402
+from qft.qat.callback import _own_param_group  # noqa: E402  (the fit's scale group, not a copy)
 from qft.qat.prepare import set_state  # noqa: E402
 from qft.qat.solve import GridSolve, solve_and_install  # noqa: E402
 from qft.quant import QuantScheme  # noqa: E402
@@ -159,13 +160,13 @@ def make_arms(a) -> dict:
 
 
 def optimizer(model, lr: float, scale_mult: float):
-    """AdamW over the trainable parameters; the learned scales and zeros at ``lr * scale_mult`` (what
-    ``QATConfig.lr_multiplier`` gives in a fit)."""
-    scales = {id(p) for mod in model.modules() if hasattr(mod, "qat_params") for p in mod.qat_params()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in scales], "lr": lr},
-              {"params": [p for p in params if id(p) in scales], "lr": lr * scale_mult}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=0.0)
+    """AdamW over the trainable parameters; with ``scale_mult != 1`` the learned scales and zeros move to
+    their own group at ``lr * scale_mult`` by the very code ``QATCallback(lr_multiplier=...)`` runs in a fit."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    if scale_mult != 1.0:
+        scales = [p for mod in model.modules() if hasattr(mod, "qat_params") for p in mod.qat_params()]
+        _own_param_group(opt, scales, scale_mult, [])
+    return opt
 
 
 def train_lockstep(arms: dict, data, log, dtype=torch.float32, before: dict | None = None) -> dict:

@@ -7,7 +7,7 @@
    ``GPTQExportCallback`` writes the grid as it is (``qat_grid="keep"``): the checkpoint is the model as
    trained, bit for bit (``matches_trained``). Why the last step: the steps trained on the fixed grid
    after the solve cost task accuracy (BENCHMARKS.md, "Main job": of 120 steps, 79.6% solved at step 119,
-   75.0% at 110, 73.6% at 40), and adapters trained on the grid lose their fp view;
+   75.0% at 110, 73.9% at 40), and adapters trained on the grid lose their fp view;
 2. Hugging Face's recipe from the same adapters: merge into the original fp base, then GPTQ int4;
 3. four rows, each measured the same way: the QLoRA adapters on NF4 (fake-quant off), the model as
    trained (fake-quant on), and the two exported checkpoints (run in pure torch): teacher-forced exact
@@ -260,8 +260,8 @@ def _print_table(s: dict, out: Path) -> None:
     q = s["exports"]["qft"]
     same = "bit for bit" if q["matches_trained"] else f"NOT bit for bit (max logit diff {q['max_logit_diff']:.2e})"
     print(f"\n(hf recipe: merge into the original fp weights + GPTQ, {s['calibration']} calibration; qft: the grid "
-          f"solved at step {s['qat_start']} of {s['steps']} and trained on, written as is: the checkpoint is the model as trained, "
-          f"{same})")
+          f"solved at step {s['qat_start']} of {s['steps']} and trained on, written as is: the checkpoint is the "
+          f"model as trained, {same})")
     if not s["general_ability_protected"]:
         print("(no general text: general ability was not protected)")
     print(f"fit {s['fit_s']:.0f} s, total {s['seconds']:.0f} s; summary in {out / 'summary.json'}")
