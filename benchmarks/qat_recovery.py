@@ -13,8 +13,10 @@ plain step) compares interleaved steps, not runs taken one after another:
 - ``qat_int{bits}``: QAT with ``qft.qat`` (learned scales, LSQ, on the export grid), then
   ``qft.qat.convert`` to packed ``GPTQLinear``; ``convert_max_abs_logit_diff`` checks that the converted
   model computes what the fake-quant model computed;
-- ``qat_int4_lrx{m}`` (``--lsq-lr-mult``): the int4 LSQ arm with its learned scales at ``--lr`` times
-  ``m`` (``QATConfig.lr_multiplier``), the rest at ``--lr``;
+  Its learned scales start where ``--scale-init`` says (``QATConfig.init``: ``minmax``, or ``mse``, the
+  clipping search) and train at ``--lr`` times ``--scale-lr-mult`` (``QATConfig.lr_multiplier``);
+- ``qat_int4_lrx{m}`` (``--lsq-lr-mult``) and ``qat_int4_mse_lrx{m}`` (``--mse-lr-mult``): more int4 LSQ
+  arms, their scales from min-max or the clipping search, at ``--lr`` times ``m``, the rest at ``--lr``;
 - ``solved_int4_at{step}`` (``--solve-at``, fractions of ``--steps``): the grid solved once by GPTQ on the
   same ``--calib-windows`` (``qft.qat.solve``, what ``QATConfig(init=GridSolve(...))`` does in a fit), then
   fixed: the weights train against it with the plain STE. Before the solve step the arm fine-tunes in fp
@@ -141,11 +143,11 @@ def make_arms(a) -> dict:
     arms = {"plain": load_model(a.model)}
     for bits in a.bits:
         m = load_model(a.model)
-        prepare(m, qat_config(bits, a.group_size, range_learning=True))
+        prepare(m, qat_config(bits, a.group_size, range_learning=True, init=a.scale_init))
         arms[f"qat_int{bits}"] = m
-    for name in a.lsq:
+    for name, (_, init) in a.lsq.items():
         m = load_model(a.model)
-        prepare(m, qat_config(4, a.group_size, range_learning=True))
+        prepare(m, qat_config(4, a.group_size, range_learning=True, init=init))
         arms[name] = m
     for name in a.solved:
         m = load_model(a.model)
@@ -156,7 +158,8 @@ def make_arms(a) -> dict:
         m = load_model(a.model)
         torchao_prepare(m, 4, a.group_size, True)
         arms["torchao_int4"] = m
-    return {k: (m, optimizer(m, a.lr, a.lsq.get(k, 1.0))) for k, m in arms.items()}
+    mult = {k: v[0] for k, v in a.lsq.items()} | {f"qat_int{bits}": a.scale_lr_mult for bits in a.bits}
+    return {k: (m, optimizer(m, a.lr, mult.get(k, 1.0))) for k, m in arms.items()}
 
 
 def optimizer(model, lr: float, scale_mult: float):
@@ -240,8 +243,14 @@ def main(argv=None):
     p.add_argument("--solve-at", type=float, nargs="*", default=[0.0, 0.5],
                    help="int4 arms whose grid GPTQ solves once at this fraction of --steps, then fixed "
                         "(none: no such arms)")
+    p.add_argument("--scale-init", choices=["minmax", "mse"], default="minmax",
+                   help="where the qat_int{bits} arms' learned scales start (QATConfig.init)")
+    p.add_argument("--scale-lr-mult", type=float, default=1.0,
+                   help="the qat_int{bits} arms' learned scales train at --lr times this (QATConfig.lr_multiplier)")
     p.add_argument("--lsq-lr-mult", type=float, nargs="*", default=[],
-                   help="extra int4 LSQ arms whose learned scales train at --lr times this (1: the qat_int4 arm)")
+                   help="extra int4 LSQ arms (scales from min-max) whose learned scales train at --lr times this")
+    p.add_argument("--mse-lr-mult", type=float, nargs="*", default=[],
+                   help="extra int4 LSQ arms (scales from the clipping search) at --lr times this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--micro-only", action="store_true", help="only the qft-vs-torchao fake-quant micro-benchmark")
     p.add_argument("--step-time-only", action="store_true",
@@ -253,9 +262,13 @@ def main(argv=None):
     if a.solve_at and 4 not in a.bits:
         p.error("--solve-at: the solved arms are int4 and compare with the int4 PTQ; keep 4 in --bits")
     a.solved = {f"solved_int4_at{int(f * a.steps)}": int(f * a.steps) for f in a.solve_at}
-    if any(m <= 0 for m in a.lsq_lr_mult) or (a.lsq_lr_mult and 4 not in a.bits):
-        p.error(f"--lsq-lr-mult {a.lsq_lr_mult}: positive multipliers of --lr, with 4 in --bits (int4 arms)")
-    a.lsq = {f"qat_int4_lrx{m:g}": m for m in a.lsq_lr_mult}
+    for flag, mults in (("--lsq-lr-mult", a.lsq_lr_mult), ("--mse-lr-mult", a.mse_lr_mult)):
+        if any(m <= 0 for m in mults) or (mults and 4 not in a.bits):
+            p.error(f"{flag} {mults}: positive multipliers of --lr, with 4 in --bits (int4 arms)")
+    if a.scale_lr_mult <= 0:
+        p.error(f"--scale-lr-mult {a.scale_lr_mult}: a positive multiplier of --lr (1: the model's lr)")
+    a.lsq = {f"qat_int4_lrx{m:g}": (m, "minmax") for m in a.lsq_lr_mult} | \
+        {f"qat_int4_mse_lrx{m:g}": (m, "mse") for m in a.mse_lr_mult}
     out = Path(a.out)
     if out.exists():
         sys.exit(f"{out} exists; refusing to overwrite (pick another --out).")
@@ -356,7 +369,8 @@ def main(argv=None):
              "recovered": (base["rtn"] - qat_ppl) / (base["rtn"] - fp_ppl),
              "recovered_vs_gptq": (base["gptq"] - qat_ppl) / (base["gptq"] - fp_ppl),
              "step_time_ratio": res["step_time_ratio"][f"qat_int{bits}"], "convert_max_abs_logit_diff": diff,
-             "scheme": scheme_for(bits, a.group_size).to_dict()}
+             "scheme": scheme_for(bits, a.group_size).to_dict(), "scale_init": a.scale_init,
+             "scale_lr_mult": a.scale_lr_mult}
         res[f"int{bits}"] = r
         log(f"QAT int{bits}: ppl {qat_ppl:.3f}, recovered {r['recovered']:.3f} (vs GPTQ {r['recovered_vs_gptq']:.3f}), "
             f"step ratio {r['step_time_ratio']:.3f}, convert diff {diff:.2e}")
@@ -372,7 +386,8 @@ def main(argv=None):
         qat_ppl = a.ppl(model)
         del model
         ref = res["int4"]
-        extra = {"scale_lr_mult": a.lsq[name]} if name in a.lsq else {"solve_step": a.solved[name],
+        extra = {"scale_lr_mult": a.lsq[name][0], "scale_init": a.lsq[name][1]} if name in a.lsq else {
+                     "solve_step": a.solved[name],
                                                                         "solve": solves[name]}
         res[name] = {**extra, "qat_ppl": qat_ppl,
                      "recovered": (ref["ptq_ppl"] - qat_ppl) / (ref["ptq_ppl"] - fp_ppl),

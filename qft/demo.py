@@ -138,7 +138,8 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=110)
     p.add_argument("--qat-start", type=int, default=None, help="optimizer step at which the grid is solved and "
-                                                               "the fit goes on on it (default: the last step)")
+                                                               "the fit goes on on it (default: --steps, the "
+                                                               "fit's end: no step trains on the grid)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--group-size", type=int, default=64, help="64 divides SmolLM2's 576 and 1536 (128 does not)")
@@ -151,10 +152,10 @@ def main(argv=None) -> dict:
     if args.steps < 1:
         p.error(f"--steps {args.steps}: must be at least 1")
     if args.qat_start is None:
-        args.qat_start = args.steps - 1
-    if not 0 <= args.qat_start < args.steps:
-        p.error(f"--qat-start {args.qat_start}: must be in [0, --steps={args.steps}); the default, the last "
-                "step, solves the grid once the adapters have trained")
+        args.qat_start = args.steps
+    if not 0 <= args.qat_start <= args.steps:
+        p.error(f"--qat-start {args.qat_start}: must be in [0, --steps={args.steps}]; the default, --steps, "
+                "solves the grid once the adapters have trained")
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists():
         raise FileExistsError(f"--out {str(out)!r} already exists; qft never overwrites a result. Pick another.")
@@ -184,11 +185,12 @@ def main(argv=None) -> dict:
         print(f"(no general text at {wiki_path}: the grid is solved on the task alone, so the base's general "
               "ability is not protected and no WikiText-2 perplexity is measured)", flush=True)
 
-    print(f"[1/4] quantization-aware QLoRA: NF4 + PRILoRA, {args.steps} steps of {args.batch_size}; at step "
-          f"{args.qat_start} GPTQ solves the int4 g{args.group_size} grid of the merged weights "
+    on_grid = args.steps - args.qat_start
+    when = "at the fit's end" if not on_grid else f"at step {args.qat_start} (then {on_grid} step(s) train on it)"
+    print(f"[1/4] quantization-aware QLoRA: NF4 + PRILoRA, {args.steps} steps of {args.batch_size}; {when} GPTQ "
+          f"solves the int4 g{args.group_size} grid of the merged weights "
           f"({'task + general text, general windows anchored to the base' if general else 'task windows'}), and "
-          f"the {args.steps - args.qat_start} last step(s) train on it; the export writes that grid as it is ...",
-          flush=True)
+          "the fit ends on it; the export writes that grid as it is ...", flush=True)
     qft_dir, hf_dir = out / "qft-int4", out / "hf-recipe-int4"
     t_fit = time.perf_counter()
     module, data, callbacks = qa_qlora(args.model, args.steps, args.batch_size, args.lr, 100, args.qat_start,

@@ -72,9 +72,10 @@ def test_qat_recovery_step_time_only_trains_in_lockstep_and_stops_before_ptq(tmp
     out = tmp_path / "steps.json"
     _load("qat_recovery").main(["--out", str(out), "--model", "tiny-llama", "--steps", "2", "--batch-size", "1",
                                 "--seq-len", "32", "--eval-tokens", "32", "--torchao", "off", "--step-time-only",
-                                "--lsq-lr-mult", "10"])
+                                "--lsq-lr-mult", "10", "--mse-lr-mult", "0.5"])
     res = json.loads(out.read_text())
-    arms = {"plain", "qat_int4", "qat_int3", "qat_int4_lrx10", "solved_int4_at0", "solved_int4_at1"}
+    arms = {"plain", "qat_int4", "qat_int3", "qat_int4_lrx10", "qat_int4_mse_lrx0.5", "solved_int4_at0",
+            "solved_int4_at1"}
     assert {k: len(v) for k, v in res["step_times_s"].items()} == dict.fromkeys(arms, 2)
     for arm in ("qat_int4", "qat_int3"):
         assert res["step_time_ratio"][arm] == pytest.approx(res["step_s"][arm] / res["step_s"]["plain"])

@@ -46,17 +46,17 @@ def test_demo_runs_both_roads_and_refuses_to_overwrite(tmp_path, capfd):
 
 
 def test_demo_refuses_a_solve_step_outside_the_fit_before_any_work(tmp_path, capsys):
-    for bad in ("4", "-1"):
+    for bad in ("5", "-1"):
         with pytest.raises(SystemExit):
             _run(tmp_path / "d", qat_start=("--qat-start", bad))
         err = capsys.readouterr().err
-        assert f"--qat-start {bad}" in err and "[0, --steps=4)" in err
+        assert f"--qat-start {bad}" in err and "[0, --steps=4]" in err
     assert not (tmp_path / "d").exists()
 
 
 def test_demo_measures_wikitext_when_present(tmp_path, shared_data):
     res = _run(tmp_path / "d", "--wikitext", str(shared_data / "wikitext2_test.raw"), qat_start=())
-    assert res["qat_start"] == 3 and res["grid_solve"]["step"] == 3  # by default, solved at the last step
+    assert res["qat_start"] == 4 and res["grid_solve"]["step"] == 4  # by default, solved at the fit's end
     assert res["calibration"] == "task+wikitext" and res["general_ability_protected"] is True
     assert res["grid_solve"]["general_rows"] == 1  # a quarter of 4 windows, anchored to the base
     assert res["exports"]["qft"]["qat_grid"] == "keep" and res["exports"]["qft"]["max_logit_diff"] < 1e-3

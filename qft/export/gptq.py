@@ -16,7 +16,12 @@ import math
 
 import torch
 
-from qft.quant.grid import dequantize, fp16_scale, quantize, scale_zero_from_range
+from qft.quant.grid import (
+    clipped_params,
+    fp16_scale,
+    quantize,
+    scale_zero_from_range,
+)
 from qft.quant.qweight import QuantizedWeight
 
 from .config import GPTQConfig
@@ -66,26 +71,13 @@ def n_groups(in_features: int, group_size: int) -> int:
 
 def group_params(w: torch.Tensor, bits: int, sym: bool, mse: bool = False, grid: int = 100,
                  maxshrink: float = 0.8, norm: float = 2.4):
-    """``scale, zero`` (each ``[rows]``) of the grid covering each row of ``w [rows, cols]``.
-
-    With ``mse`` the range is shrunk by ``1 - i/grid`` for ``i < maxshrink*grid`` and the shrink with the
-    lowest ``sum |w - q|^norm`` per row wins (all candidates evaluated at once, no Python loop over rows).
-    """
+    """``scale, zero`` (each ``[rows]``) of the grid covering each row of ``w [rows, cols]``: min-max, or
+    with ``mse`` the clipping search (``qft.quant.grid.clipped_params``)."""
+    if mse:
+        return clipped_params(w, bits, sym, grid, maxshrink, norm)
     w = w.float()
-    xmin, xmax = w.amin(1), w.amax(1)
-    scale, zero = scale_zero_from_range(xmin, xmax, bits, sym)
-    scale = fp16_scale(scale)
-    if not mse:
-        return scale, zero
-    maxq = 2**bits - 1
-    shrink = 1 - torch.arange(int(maxshrink * grid), device=w.device, dtype=torch.float32) / grid  # [P]
-    s, z = scale_zero_from_range(shrink[:, None] * xmin, shrink[:, None] * xmax, bits, sym)  # [P, rows]
-    s = fp16_scale(s)
-    q = dequantize(quantize(w[None], s[..., None], z[..., None], maxq), s[..., None], z[..., None])
-    err = (q - w[None]).abs_().pow_(norm).sum(-1)  # [P, rows]
-    best = err.argmin(0)
-    rows = torch.arange(w.shape[0], device=w.device)
-    return s[best, rows], z[best, rows]
+    scale, zero = scale_zero_from_range(w.amin(1), w.amax(1), bits, sym)
+    return fp16_scale(scale), zero
 
 
 def params_for_groups(W: torch.Tensor, cfg: GPTQConfig):

@@ -55,6 +55,9 @@ class QATCallback(pl.Callback):
       from ``freeze_observers_step`` (by ``trainer.global_step``, so resuming lands on the same state).
       With a solved ``init``, the first batch at ``start_step`` solves the grid (``qft.qat.solve``) and
       every fake-quant layer trains on it from then on; rank 0's grid is broadcast to the others.
+    - ``on_train_end``: a solved ``init`` with ``start_step == max_steps`` is solved here, so the fit ends
+      on the grid with no step trained on it (what the demo measured best: BENCHMARKS.md, "Main job"),
+      before any export callback's ``on_fit_end``.
     - ``on_fit_end``: ``qft.qat.convert`` when ``convert_on_fit_end=True``; validate/test afterwards run
       the packed model.
     - checkpoints: scales, zeros, observer statistics and on/off flags are module buffers (or parameters)
@@ -162,6 +165,15 @@ class QATCallback(pl.Callback):
         self._tokens = None
         rank_zero_info(f"QAT: grid solved at step {step} by {self.solved['method']} for {self.solved['layers']} "
                        f"layers ({self.solved['general_rows']} general-text windows) in {self.solved['seconds']} s")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """A grid due at the fit's last step (``start_step == max_steps``) is solved here, once training
+        ends and before any ``on_fit_end`` export: the fit ends on the grid, with no step trained on it."""
+        step = trainer.global_step
+        if self.config.solve is not None and self.solved is None and step >= self.config.start_step:
+            self._solve(trainer, pl_module, step)
+            self._apply_schedule(pl_module, step)
+            self.last_step = step
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.config.convert_on_fit_end:

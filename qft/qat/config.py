@@ -82,8 +82,10 @@ class QATConfig:
                 "and AutoGPTQ/GPTQModel allow; off by default so a non-dividing group_size is an error."})
     convert_on_fit_end: bool = field(default=False, metadata={
         "help": "Replace fake-quant layers by packed GPTQLinear when fit ends (irreversible)."})
-    init: Union[Literal["minmax", "gptq", "rtn"], GridSolve, None] = field(default="minmax", metadata={
-        "help": "The grid fake-quant trains on. 'minmax': each step's scales from the weight itself. 'gptq' (or a "
+    init: Union[Literal["minmax", "mse", "gptq", "rtn"], GridSolve, None] = field(default="minmax", metadata={
+        "help": "The grid fake-quant trains on. 'minmax': each step's scales from the weight itself (with "
+                "range_learning: the learned scales start at each group's range). 'mse' (range_learning only): the "
+                "learned scales start at the clipping search's range (qft.quant.grid.clipped_params). 'gptq' (or a "
                 "qft.qat.GridSolve with general text): solved once at start_step by GPTQ on calibration windows, "
                 "then fixed, so the adapters train against the grid the export writes ('keep'); 'rtn': the same "
                 "from round-to-nearest. See qft.qat.solve."})
@@ -123,7 +125,13 @@ class QATConfig:
         m = self.observer_momentum
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1:
             raise ValueError(f"QATCallback(observer_momentum={m!r}): expected a number in (0, 1], e.g. 0.01.")
-        self.init = as_grid_solve(self.init) or "minmax"
+        if self.init == "mse":
+            if not self.range_learning:
+                raise ValueError("QATCallback(init='mse'): the clipping search sets where learned scales start; it "
+                                 "needs range_learning=True (min-max fake-quant recomputes its scales every step). "
+                                 "Hint: init='mse', range_learning=True.")
+        else:
+            self.init = as_grid_solve(self.init) or "minmax"
         if self.solve is not None and self.range_learning:
             raise ValueError("QATCallback(init='gptq', range_learning=True): a solved grid keeps the scales GPTQ "
                              "chose, and range_learning would learn new ones. Pick one: init='minmax' with "

@@ -55,6 +55,7 @@ class _WeightFakeQuantMixin(nn.Module):
         return {"weight": self.weight_scheme.to_dict(), "range_learning": self.range_learning,
                 "activation": None if a is None else a.scheme.to_dict()}
 
+    scale_init = "minmax"  # range learning's first scales: "minmax" or "mse" (QATConfig.init; set by prepare)
     fixed_grid = False  # True once ``fix_grid`` gave the layer a solved grid (``qft.qat.solve``)
     low_rank = True  # on a fixed grid, LoRA layers skip the dense weight gradient (False: the dense STE, to compare)
 
@@ -134,7 +135,7 @@ class _WeightFakeQuantMixin(nn.Module):
             out = ste_fake_quant(wg, self.weight_scale.unsqueeze(-1), self.weight_zero.unsqueeze(-1), s.maxq)
         elif self.range_learning:
             if not bool(self.qat_initialized):
-                scale, zero = weight_params(w, s)
+                scale, zero = weight_params(w, s, mse=self.scale_init == "mse")
                 with torch.no_grad():
                     self.weight_scale.copy_(scale)
                     self.weight_zero.copy_(zero)

@@ -71,6 +71,7 @@ def prepare(model: nn.Module, config: QATConfig) -> list:
         else:
             raise TypeError(f"QAT: module {name!r} is a {type(m).__name__}, which QAT cannot fake-quantize (kinds: "
                             "linear, nf4, lora). Add it to `ignore`.")
+        new.scale_init = "mse" if config.init == "mse" else "minmax"  # where learned scales start
         for p in new.qat_params():
             p.qft_lr_scale = config.lr_multiplier  # read by CausalLMModule.configure_optimizers
         parent, _, child = name.rpartition(".")

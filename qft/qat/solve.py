@@ -108,7 +108,7 @@ def as_grid_solve(value) -> GridSolve | None:
         except TypeError as e:
             raise ValueError(f"QATCallback(init={value!r}): {e}. Fields: method, general_calibration, "
                              "general_start, general_fraction, n_samples, seq_len.") from None
-    raise ValueError(f"QATCallback(init={value!r}): allowed 'minmax' (scales from each step's weight), 'gptq', "
+    raise ValueError(f"QATCallback(init={value!r}): allowed 'minmax' (scales from each step's weight), 'mse', 'gptq', "
                      "'rtn', or qft.qat.GridSolve(...). Hint: init=GridSolve(general_calibration='wiki.txt').")
 
 

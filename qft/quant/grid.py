@@ -51,13 +51,45 @@ def fake_quantize(x, scale, zero, maxq: int):
     return dequantize(quantize(x, scale, zero, maxq), scale, zero)
 
 
-def weight_params(w: torch.Tensor, scheme: QuantScheme):
-    """Per-group (or per-channel) ``scale, zero`` of a weight ``[out, in]``, shaped ``[out, n_groups]``."""
+def weight_params(w: torch.Tensor, scheme: QuantScheme, mse: bool = False):
+    """Per-group (or per-channel) ``scale, zero`` of a weight ``[out, in]``, shaped ``[out, n_groups]``.
+
+    ``mse``: each group's range shrunk by the clipping search (``clipped_params``) instead of min-max."""
     out_f, in_f = w.shape
     g = scheme.group_for(in_f)
     wg = w.detach().float().reshape(out_f, in_f // g, g)
+    if mse:
+        scale, zero = clipped_params(wg.reshape(-1, g), scheme.bits, scheme.symmetric)
+        return scale.view(out_f, -1), zero.view(out_f, -1)
     scale, zero = scale_zero_from_range(wg.amin(-1), wg.amax(-1), scheme.bits, scheme.symmetric)
     return fp16_scale(scale), zero
+
+
+def clipped_params(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 100, maxshrink: float = 0.8,
+                   norm: float = 2.4, chunk: int = 4096):
+    """``scale, zero`` (each ``[rows]``, fp16-exact scales) of the clipped range of each row of ``w``.
+
+    Each row's range is shrunk by ``1 - i/grid`` for ``i < maxshrink*grid``, and the shrink with the
+    lowest ``sum |w - q|^norm`` wins (the clipping search of GPTQ's reference code, norm 2.4). Why: an
+    outlier stretches a min-max range and leaves the other weights few levels; a narrower range that
+    clips it rounds the rest finer. Rows are searched ``chunk`` at a time so memory stays bounded
+    (``grid * maxshrink`` candidates per row).
+    """
+    w = w.float()
+    maxq = 2**bits - 1
+    xmin, xmax = w.amin(1), w.amax(1)
+    shrink = 1 - torch.arange(int(maxshrink * grid), device=w.device, dtype=torch.float32) / grid  # [P]
+    scales, zeros = [], []
+    for r in range(0, max(w.shape[0], 1), chunk):
+        wc, lo, hi = w[r:r + chunk], xmin[r:r + chunk], xmax[r:r + chunk]
+        s, z = scale_zero_from_range(shrink[:, None] * lo, shrink[:, None] * hi, bits, symmetric)  # [P, rows]
+        s = fp16_scale(s)
+        q = dequantize(quantize(wc[None], s[..., None], z[..., None], maxq), s[..., None], z[..., None])
+        best = (q - wc[None]).abs_().pow_(norm).sum(-1).argmin(0)
+        rows = torch.arange(wc.shape[0], device=w.device)
+        scales.append(s[best, rows])
+        zeros.append(z[best, rows])
+    return torch.cat(scales), torch.cat(zeros)
 
 
 def activation_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool):

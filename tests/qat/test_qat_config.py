@@ -30,6 +30,8 @@ def test_activation_grid_rejected_for_weights_and_vice_versa():
     (dict(lr_multiplier=0), "lr_multiplier"),
     (dict(observer_momentum=2.0), "observer_momentum"),
     (dict(range_learning="yes"), "range_learning"),
+    (dict(init="mse"), "needs range_learning=True"),
+    (dict(init="clip"), "allowed 'minmax'"),
     (dict(targets=[]), "targets"),
     (dict(ignore=[3]), "ignore"),
     (dict(weight="int4"), "weight"),

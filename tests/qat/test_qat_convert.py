@@ -134,3 +134,23 @@ def test_partial_last_group_is_opt_in_and_exact():
     convert(model)
     assert isinstance(model[0], GPTQLinear)
     assert torch.allclose(model[0](x), y.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_init_starts_learned_scales_nearer_the_weight_and_converts_exactly(tiny_llama, symmetric):
+    """init='mse' moves only where learned scales start: the fake-quant weight is closer to the latent
+    one than min-max's at the first forward, and convert still writes what the forward computed."""
+    import copy
+
+    weight = QuantScheme(bits=4, group_size=32, symmetric=symmetric)
+    errors = {}
+    for init in ("minmax", "mse"):
+        model = copy.deepcopy(tiny_llama)
+        prepare(model, QATConfig(weight=weight, range_learning=True, init=init))
+        fq = logits(model)  # the first forward sets the learned scales
+        layer = model.model.layers[0].mlp.down_proj
+        w = layer.weight.detach().float()
+        errors[init] = float((layer.fake_quant_weight(w).detach() - w).pow(2).sum())
+        convert(model)
+        assert (logits(model) - fq).abs().max().item() <= 1e-5
+    assert errors["mse"] < errors["minmax"]

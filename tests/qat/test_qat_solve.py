@@ -192,3 +192,29 @@ def test_every_gloo_rank_trains_rank_zeros_grid(tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
 
+
+
+def test_a_grid_due_at_max_steps_is_solved_when_training_ends(tmp_path):
+    """start_step == max_steps: no batch reaches the solve, so on_train_end solves it; the fit ends on
+    the grid (fake-quant on, every layer fixed) with no step trained on it."""
+    from qat_helpers import TinyNet
+
+    from qft.qat.prepare import fake_quant_modules
+
+    seen = []
+
+    class _Watch(pl.Callback):
+        def on_fit_end(self, trainer, pl_module):  # what an export callback at fit end finds
+            mods = fake_quant_modules(pl_module)
+            seen.append((len(mods), all(m.fixed_grid and bool(m.qat_enabled) for _, m in mods)))
+
+    cb = QATCallback(weight=SCHEME, start_step=4, init="rtn")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, callbacks=[cb, _Watch()], default_root_dir=tmp_path)
+    net = TinyNet()
+    trainer.fit(net)
+    assert cb.solved["step"] == 4 and seen == [(2, True)]
+    layer = net.body[0]  # a plain weight is written onto the grid: fake-quant leaves it as it is
+    w = layer.weight.detach().float()
+    assert torch.equal(layer.fake_quant_weight(w), w)
