@@ -240,12 +240,12 @@ def main(argv=None):
                         "evaluation is always fp32")
     p.add_argument("--torchao", choices=["on", "off"], default="on", help="the torchao arm and micro-benchmark")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
-    p.add_argument("--solve-at", type=float, nargs="*", default=[0.0, 0.5],
+    p.add_argument("--solve-at", type=float, nargs="*", default=[],
                    help="int4 arms whose grid GPTQ solves once at this fraction of --steps, then fixed "
-                        "(none: no such arms)")
-    p.add_argument("--scale-init", choices=["minmax", "mse"], default="minmax",
+                        "(e.g. 0 0.5; measured behind learned scales, BENCHMARKS.md, so none by default)")
+    p.add_argument("--scale-init", choices=["minmax", "mse"], default="mse",
                    help="where the qat_int{bits} arms' learned scales start (QATConfig.init)")
-    p.add_argument("--scale-lr-mult", type=float, default=1.0,
+    p.add_argument("--scale-lr-mult", type=float, default=0.2,
                    help="the qat_int{bits} arms' learned scales train at --lr times this (QATConfig.lr_multiplier)")
     p.add_argument("--lsq-lr-mult", type=float, nargs="*", default=[],
                    help="extra int4 LSQ arms (scales from min-max) whose learned scales train at --lr times this")

@@ -1,13 +1,13 @@
 """``make demo``: one fine-tune of the embedded SmolLM2-135M-Instruct, deployed int4 by two roads, on a CPU.
 
 1. quantization-aware QLoRA (``recipes/qa_qlora.yaml``): NF4 base, PRILoRA adapters (ranks 4 -> 12
-   with depth, A pruned by importance). At ``--qat-start`` (default: the last step) the merged weights
-   ``W_nf4 + B@A`` get an int4 grid solved by GPTQ on task windows and general text (the general windows
-   anchored to the released base, ``qft.qat.solve``), and the fit ends on that fixed grid. At fit end
-   ``GPTQExportCallback`` writes the grid as it is (``qat_grid="keep"``): the checkpoint is the model as
-   trained, bit for bit (``matches_trained``). Why the last step: the steps trained on the fixed grid
-   after the solve cost task accuracy (BENCHMARKS.md, "Main job": of 120 steps, 79.6% solved at step 119,
-   75.0% at 110, 73.9% at 40), and adapters trained on the grid lose their fp view;
+   with depth, A pruned by importance). At ``--qat-start`` (default: ``--steps``, when training ends) the
+   merged weights ``W_nf4 + B@A`` get an int4 grid solved by GPTQ on task windows and general text (the
+   general windows anchored to the released base, ``qft.qat.solve``), and the fit ends on that grid. At fit
+   end ``GPTQExportCallback`` writes the grid as it is (``qat_grid="keep"``): the checkpoint is the model as
+   trained, bit for bit (``matches_trained``). Why at the end: every step trained on the fixed grid after
+   the solve cost task accuracy (BENCHMARKS.md, "Main job": 80.7% with none, 80.6% with one; of 120 steps,
+   79.6% solved at step 119, 75.0% at 110, 73.9% at 40), and adapters trained on the grid lose their fp view;
 2. Hugging Face's recipe from the same adapters: merge into the original fp base, then GPTQ int4;
 3. four rows, each measured the same way: the QLoRA adapters on NF4 (fake-quant off), the model as
    trained (fake-quant on), and the two exported checkpoints (run in pure torch): teacher-forced exact
@@ -19,7 +19,7 @@ Both roads calibrate on the same kind of windows: the task, with a quarter from 
 from its second half, disjoint from the evaluation windows, per ``../shared/data/README.md``) when that
 file is present, else the task alone (then general ability is not protected, and the output says so).
 
-    python -m qft.demo [--steps STEPS] [--qat-start STEPS-1] [--out runs/demo-<time>]
+    python -m qft.demo [--steps STEPS] [--qat-start STEPS] [--out runs/demo-<time>]
 """
 from __future__ import annotations
 
@@ -261,9 +261,10 @@ def _print_table(s: dict, out: Path) -> None:
         print(f"{name:<34}{acc:>14}{ppl(r['wikitext_ppl']):>16}{'-' if size is None else f'{size / 2**20:.1f} MB':>12}")
     q = s["exports"]["qft"]
     same = "bit for bit" if q["matches_trained"] else f"NOT bit for bit (max logit diff {q['max_logit_diff']:.2e})"
+    on_grid = s["steps"] - s["qat_start"]
+    when = "at the fit's end" if not on_grid else f"at step {s['qat_start']} of {s['steps']}, then trained on"
     print(f"\n(hf recipe: merge into the original fp weights + GPTQ, {s['calibration']} calibration; qft: the grid "
-          f"solved at step {s['qat_start']} of {s['steps']} and trained on, written as is: the checkpoint is the "
-          f"model as trained, {same})")
+          f"solved {when}, written as is: the checkpoint is the model as trained, {same})")
     if not s["general_ability_protected"]:
         print("(no general text: general ability was not protected)")
     print(f"fit {s['fit_s']:.0f} s, total {s['seconds']:.0f} s; summary in {out / 'summary.json'}")

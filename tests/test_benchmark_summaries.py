@@ -72,7 +72,7 @@ def test_qat_recovery_step_time_only_trains_in_lockstep_and_stops_before_ptq(tmp
     out = tmp_path / "steps.json"
     _load("qat_recovery").main(["--out", str(out), "--model", "tiny-llama", "--steps", "2", "--batch-size", "1",
                                 "--seq-len", "32", "--eval-tokens", "32", "--torchao", "off", "--step-time-only",
-                                "--lsq-lr-mult", "10", "--mse-lr-mult", "0.5"])
+                                "--lsq-lr-mult", "10", "--mse-lr-mult", "0.5", "--solve-at", "0", "0.5"])
     res = json.loads(out.read_text())
     arms = {"plain", "qat_int4", "qat_int3", "qat_int4_lrx10", "qat_int4_mse_lrx0.5", "solved_int4_at0",
             "solved_int4_at1"}
