@@ -220,6 +220,30 @@ def ptq(trained_state, a, bits, calib, log) -> dict:
     return out
 
 
+def gptq_after_qat(model, a, bits, calib, log) -> dict:
+    """GPTQ of the QAT arm's latent (fp) weights, after training: on the scales QAT learned (the codes
+    re-solved toward the latent weights, ``quantize_model``'s ``grid_for`` road) and on a fresh grid.
+    Diagnostics of what a post-training solve adds to QAT; the QAT figure itself stays the converted model."""
+    from qft import layers
+    from qft.export.config import GPTQConfig
+    from qft.export.merge import merge_adapters
+    from qft.export.sequential import quantize_model
+
+    cfg = GPTQConfig(bits=bits, group_size=a.group_size, sym=bits >= 4)
+    learned = layers.grids(layers.unwrap(model))
+    out = {}
+    for road in ("learned_scales", "fresh_grid"):
+        latent = merge_adapters(model, None, merge_into="trained")
+        t = time.perf_counter()
+        grid_for = (lambda name, W, H: (learned[name].scale, learned[name].zero)) if road == "learned_scales" \
+            else None
+        quantize_model(latent, cfg, tokens=calib, progress=False, refine=road == "learned_scales", grid_for=grid_for)
+        out[road] = {"ppl": a.ppl(latent), "seconds": time.perf_counter() - t}
+        log(f"GPTQ after QAT int{bits}, {road}: ppl {out[road]['ppl']:.3f}")
+        del latent
+    return out
+
+
 def main(argv=None):
     from result_file import write_result
 
@@ -243,14 +267,16 @@ def main(argv=None):
     p.add_argument("--solve-at", type=float, nargs="*", default=[],
                    help="int4 arms whose grid GPTQ solves once at this fraction of --steps, then fixed "
                         "(e.g. 0 0.5; measured behind learned scales, BENCHMARKS.md, so none by default)")
-    p.add_argument("--scale-init", choices=["minmax", "mse"], default="mse",
+    p.add_argument("--scale-init", choices=["minmax", "mse"], default="minmax",
                    help="where the qat_int{bits} arms' learned scales start (QATConfig.init)")
-    p.add_argument("--scale-lr-mult", type=float, default=0.2,
+    p.add_argument("--scale-lr-mult", type=float, default=1.0,
                    help="the qat_int{bits} arms' learned scales train at --lr times this (QATConfig.lr_multiplier)")
     p.add_argument("--lsq-lr-mult", type=float, nargs="*", default=[],
                    help="extra int4 LSQ arms (scales from min-max) whose learned scales train at --lr times this")
     p.add_argument("--mse-lr-mult", type=float, nargs="*", default=[],
                    help="extra int4 LSQ arms (scales from the clipping search) at --lr times this")
+    p.add_argument("--gptq-after", action="store_true",
+                   help="also GPTQ the QAT arms' latent weights after training (on the learned scales, and fresh)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--micro-only", action="store_true", help="only the qft-vs-torchao fake-quant micro-benchmark")
     p.add_argument("--step-time-only", action="store_true",
@@ -356,6 +382,7 @@ def main(argv=None):
     for bits in a.bits:
         model = arms.pop(f"qat_int{bits}")[0]
         model.eval()
+        after = gptq_after_qat(model, a, bits, calib, log) if a.gptq_after else None
         with torch.no_grad():
             fq_logits = model(input_ids=probe).logits
         convert(model)
@@ -369,6 +396,7 @@ def main(argv=None):
              "recovered": (base["rtn"] - qat_ppl) / (base["rtn"] - fp_ppl),
              "recovered_vs_gptq": (base["gptq"] - qat_ppl) / (base["gptq"] - fp_ppl),
              "step_time_ratio": res["step_time_ratio"][f"qat_int{bits}"], "convert_max_abs_logit_diff": diff,
+             **({"gptq_after_qat": after} if after else {}),
              "scheme": scheme_for(bits, a.group_size).to_dict(), "scale_init": a.scale_init,
              "scale_lr_mult": a.scale_lr_mult}
         res[f"int{bits}"] = r

@@ -72,6 +72,12 @@ class ExportCallback(pl.Callback):
             self.checkpoint_path = self.summary["output_dir"]
         trainer.strategy.barrier(f"qft-{self.name}-export")
 
+    @property
+    def state_key(self) -> str:
+        """One per output: two export callbacks in one Trainer (a GPTQ directory and a GGUF file, say)
+        checkpoint side by side instead of overwriting each other's state."""
+        return self._generate_state_key(output=str(self.output_dir))
+
     def state_dict(self):
         return {"checkpoint_path": self.checkpoint_path, "summary": self.summary, "config": self.config.to_dict()}
 

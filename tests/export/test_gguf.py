@@ -215,3 +215,54 @@ def test_callback_keeps_a_q4_0_grid_qat_learned_bit_for_bit(tmp_path, calib_text
                             n_samples=4, seq_len=32, progress=False)
     _fit(tmp_path, module, [qat(), cb], steps=1)
     assert cb.summary["qat_grid"] == "resolve" and (tmp_path / "resolved.gguf").is_file()
+
+
+def test_a_gptq_and_a_gguf_export_share_one_fit_and_both_resume(tmp_path):
+    """Two export callbacks in one Trainer: each writes its file, each checkpoints under its own key
+    (built from its output), and a run resumed from the checkpoint gives each its own state back."""
+    import pytorch_lightning as pl
+
+    from qft.data import QFTDataModule
+    from qft.export.callback import GPTQExportCallback
+    from qft.export.gguf.callback import GGUFExportCallback
+    from qft.module import CausalLMModule
+    from qft.qat import QATCallback
+    from qft.quant import QuantScheme
+
+    def callbacks(overwrite=False):
+        return [QATCallback(weight=QuantScheme(bits=4, group_size=32), start_step=0),
+                GPTQExportCallback(tmp_path / "int4", qat_grid="keep", calibration=None, progress=False,
+                                   overwrite=overwrite),
+                GGUFExportCallback(tmp_path / "q40.gguf", quant="Q4_0", calibration=None, progress=False,
+                                   overwrite=overwrite)]
+
+    def trainer(cbs):
+        return pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, callbacks=cbs,
+                          default_root_dir=str(tmp_path), num_sanity_val_steps=0, limit_val_batches=0)
+
+    def data():
+        return QFTDataModule(task="synthetic", seq_len=64, batch_size=4, num_train=16, num_val=4)
+
+    first = callbacks()
+    t = trainer(first)
+    t.fit(CausalLMModule(model="tiny-llama", adapter="none", lr=1e-3), datamodule=data())
+    gptq, gguf = first[1], first[2]
+    assert (tmp_path / "int4" / "model.safetensors").is_file() and (tmp_path / "q40.gguf").is_file()
+    assert gptq.state_key != gguf.state_key
+    ckpt = tmp_path / "end.ckpt"
+    t.save_checkpoint(ckpt)
+    states = torch.load(ckpt, weights_only=True)["callbacks"]
+    assert states[gptq.state_key]["checkpoint_path"] == gptq.checkpoint_path
+    assert states[gguf.state_key]["checkpoint_path"] == gguf.checkpoint_path != gptq.checkpoint_path
+
+    restored = {}
+
+    class _Seen(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):  # after the checkpoint's callback states are loaded
+            restored.update(gptq=again[1].checkpoint_path, gguf=again[2].checkpoint_path)
+
+    again = callbacks(overwrite=True)
+    trainer([*again, _Seen()]).fit(CausalLMModule(model="tiny-llama", adapter="none", lr=1e-3),
+                                   datamodule=data(), ckpt_path=str(ckpt))
+    assert restored == {"gptq": gptq.checkpoint_path, "gguf": gguf.checkpoint_path}
