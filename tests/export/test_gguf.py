@@ -217,9 +217,10 @@ def test_callback_keeps_a_q4_0_grid_qat_learned_bit_for_bit(tmp_path, calib_text
     assert cb.summary["qat_grid"] == "resolve" and (tmp_path / "resolved.gguf").is_file()
 
 
-def test_a_gptq_and_a_gguf_export_share_one_fit_and_both_resume(tmp_path):
-    """Two export callbacks in one Trainer: each writes its file, each checkpoints under its own key
-    (built from its output), and a run resumed from the checkpoint gives each its own state back."""
+def test_a_gptq_and_two_gguf_exports_share_one_fit_and_all_resume(tmp_path):
+    """Export callbacks in one Trainer, two of them of one kind: each writes its file, each checkpoints
+    under its own key (built from its output, not its class), and a run resumed from the checkpoint gives
+    each its own state back."""
     import pytorch_lightning as pl
 
     from qft.data import QFTDataModule
@@ -233,8 +234,8 @@ def test_a_gptq_and_a_gguf_export_share_one_fit_and_both_resume(tmp_path):
         return [QATCallback(weight=QuantScheme(bits=4, group_size=32), start_step=0),
                 GPTQExportCallback(tmp_path / "int4", qat_grid="keep", calibration=None, progress=False,
                                    overwrite=overwrite),
-                GGUFExportCallback(tmp_path / "q40.gguf", quant="Q4_0", calibration=None, progress=False,
-                                   overwrite=overwrite)]
+                *(GGUFExportCallback(tmp_path / name, quant="Q4_0", calibration=None, progress=False,
+                                     overwrite=overwrite) for name in ("q40.gguf", "copy.gguf"))]
 
     def trainer(cbs):
         return pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
@@ -247,22 +248,23 @@ def test_a_gptq_and_a_gguf_export_share_one_fit_and_both_resume(tmp_path):
     first = callbacks()
     t = trainer(first)
     t.fit(CausalLMModule(model="tiny-llama", adapter="none", lr=1e-3), datamodule=data())
-    gptq, gguf = first[1], first[2]
-    assert (tmp_path / "int4" / "model.safetensors").is_file() and (tmp_path / "q40.gguf").is_file()
-    assert gptq.state_key != gguf.state_key
+    exports = first[1:]
+    assert (tmp_path / "int4" / "model.safetensors").is_file()
+    assert (tmp_path / "q40.gguf").is_file() and (tmp_path / "copy.gguf").is_file()
+    assert len({cb.state_key for cb in exports}) == 3
     ckpt = tmp_path / "end.ckpt"
     t.save_checkpoint(ckpt)
     states = torch.load(ckpt, weights_only=True)["callbacks"]
-    assert states[gptq.state_key]["checkpoint_path"] == gptq.checkpoint_path
-    assert states[gguf.state_key]["checkpoint_path"] == gguf.checkpoint_path != gptq.checkpoint_path
+    paths = [states[cb.state_key]["checkpoint_path"] for cb in exports]
+    assert paths == [cb.checkpoint_path for cb in exports] and len(set(paths)) == 3
 
     restored = {}
 
     class _Seen(pl.Callback):
         def on_fit_start(self, trainer, pl_module):  # after the checkpoint's callback states are loaded
-            restored.update(gptq=again[1].checkpoint_path, gguf=again[2].checkpoint_path)
+            restored["paths"] = [cb.checkpoint_path for cb in again[1:4]]
 
     again = callbacks(overwrite=True)
     trainer([*again, _Seen()]).fit(CausalLMModule(model="tiny-llama", adapter="none", lr=1e-3),
                                    datamodule=data(), ckpt_path=str(ckpt))
-    assert restored == {"gptq": gptq.checkpoint_path, "gguf": gguf.checkpoint_path}
+    assert restored["paths"] == paths
