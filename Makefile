@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(PY) -m qft.demo
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-all: $(STAMP)

@@ -64,8 +64,7 @@ def main():
     from qft.data.synthetic import _pairs
     from qft.demo import wikitext
     from qft.evaluate import answer_accuracy, perplexity, task_accuracy
-    from qft.export import GPTQConfig, calibration_mix
-    from qft.export import sequential
+    from qft.export import GPTQConfig, calibration_mix, sequential
     from qft.export.merge import merge_adapters
     from qft.export.pipeline import base_weights
     from qft.module import CausalLMModule

@@ -76,7 +76,8 @@ def broken_folds(work: Path) -> dict:
     out = {}
     try:
         for name, kind, cfg in (("tiny_gemma3_awq_wrong_fold", "gptq", GPTQConfig(bits=4, group_size=64, method="awq")),
-                                ("tiny_gemma3_sq_wrong_fold", "w8a8", W8A8Config(activation="static", smoothquant=0.8))):
+                                ("tiny_gemma3_sq_wrong_fold", "w8a8",
+                                 W8A8Config(activation="static", smoothquant=0.8))):
             s = export_row(kind, cfg, load_model("tiny-gemma3").eval(), tok, calib, work / name)
             out[name] = s["check"]
         for name, kind, cfg in (("tiny_gemma3_awq", "gptq", GPTQConfig(bits=4, group_size=64, method="awq")),

@@ -211,7 +211,8 @@ def main():
     workdir.mkdir(parents=True, exist_ok=True)
     tok_file = workdir / "calib.pt"
     torch.save(calib, tok_file)
-    result = {"model": a.model, "concurrent": a.concurrent, "command": " ".join(sys.argv), "dtype": "bfloat16", "calibration": list(calib.shape),
+    result = {"model": a.model, "concurrent": a.concurrent, "command": " ".join(sys.argv), "dtype": "bfloat16",
+              "calibration": list(calib.shape),
               "eval": [a.eval_windows, a.eval_len], "cpu_threads": torch.get_num_threads(),
               "machine": os.uname().nodename, "runs": {}}
 

@@ -126,7 +126,7 @@ def export_peak(tmp: Path, *extra: str) -> dict:
     r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         raise RuntimeError(f"qft export failed:\n{r.stderr[-3000:]}")
-    rss = next(int(l.split(":")[1]) for l in r.stderr.splitlines() if "Maximum resident set size" in l)
+    rss = next(int(line.split(":")[1]) for line in r.stderr.splitlines() if "Maximum resident set size" in line)
     return {"export_peak_rss_mb": rss / 1024.0, "export_s": time.perf_counter() - t0}
 
 
@@ -263,7 +263,8 @@ def plot(out: dict, path: Path) -> None:
     if out.get("gptqmodel_export_peak_rss_mb"):
         ax.plot([x[0]], [out["gptqmodel_export_peak_rss_mb"]], "^", ms=9, label="GPTQModel (SmolLM2)")
     if out.get("capped"):
-        ax.axhline(out["capped"]["cap_mb"], color="r", lw=0.8, label=f"cap for the capped run ({'ok' if out['capped']['ok'] else 'failed'})")
+        ax.axhline(out["capped"]["cap_mb"], color="r", lw=0.8,
+                   label=f"cap for the capped run ({'ok' if out['capped']['ok'] else 'failed'})")
     ax.set_xlabel("parameters (M): SmolLM2 widths, 1x-16x its depth")
     ax.set_ylabel("MB")
     ax.legend(fontsize=8)

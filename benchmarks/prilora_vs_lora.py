@@ -110,7 +110,8 @@ def _adapter_counts(model) -> dict:
             e = getattr(m, "lora_E", {}).get(name) if hasattr(m, "lora_E") else None
             if e is not None:  # AdaLoRA: A [r,in], B [out,r], E [r,1]
                 alive = (e.detach().reshape(-1) != 0)
-                effective += int((a.detach()[alive] != 0).sum()) + int((b.detach()[:, alive] != 0).sum()) + int(alive.sum())
+                effective += (int((a.detach()[alive] != 0).sum()) + int((b.detach()[:, alive] != 0).sum())
+                              + int(alive.sum()))
             else:
                 effective += int((a.detach() != 0).sum()) + int((b.detach() != 0).sum())
     return {"trainable_params": trainable, "nonzero_adapter_params_at_end": nonzero,
@@ -224,7 +225,8 @@ def run_worker(spec: dict) -> dict:
         result["a_sparsity_mean"] = statistics.mean(row["sparsity"] for row in report)
     if method == "adalora":
         pattern = module.model.peft_config["default"].rank_pattern or {}
-        result["adalora_final_rank_total"] = int(sum(sum(v) if isinstance(v, list) else int(v) for v in pattern.values()))
+        result["adalora_final_rank_total"] = int(sum(sum(v) if isinstance(v, list) else int(v)
+                                                     for v in pattern.values()))
     result["peak_rss_mb"] = _peak_rss_mb()
     return result
 
@@ -313,7 +315,8 @@ def table(summary: dict) -> str:
                 f"{a.get('eval_loss_paired_ratio', float('nan')):.4f} | "
                 f"{_fmt(a.get('eval_accuracy_mean'), a.get('eval_accuracy_std'), 3)} | "
                 f"{a.get('nonzero_adapter_params_at_end_mean', 0):,.0f} | {a.get('a_sparsity_mean_mean', 0):.2f} | "
-                f"{_fmt(a.get('step_time_s_mean'), a.get('step_time_s_std'), 3)} | {a.get('peak_rss_mb_mean', 0):.0f} |")
+                f"{_fmt(a.get('step_time_s_mean'), a.get('step_time_s_std'), 3)} | "
+                f"{a.get('peak_rss_mb_mean', 0):.0f} |")
     return "\n".join(lines)
 
 
@@ -329,7 +332,8 @@ def _list(p, flag: str, value: str, allowed, cast=str) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="JSON result path (must not exist)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", default="smollm2-135m")
@@ -350,7 +354,8 @@ def main(argv=None):
     p.add_argument("--final-sparsity", type=float, default=0.5)
     p.add_argument("--prune-start", type=float, default=0.1, help="fraction of the run where pruning starts")
     p.add_argument("--prune-end", type=float, default=0.8, help="fraction of the run where final sparsity is reached")
-    p.add_argument("--interval", type=int, default=None, help="pruning / AdaLoRA allocation interval (default steps//12)")
+    p.add_argument("--interval", type=int, default=None,
+                   help="pruning / AdaLoRA allocation interval (default steps//12)")
     p.add_argument("--num-eval", type=int, default=64, help="held-out synthetic problems for eval loss and accuracy")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--attention", default="eager", choices=["eager", "sdpa"],

@@ -92,7 +92,8 @@ def torchao_available():
     try:
         import torchao  # noqa: F401
         from torchao.quantization import quantize_  # noqa: F401
-        from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig as AOQATConfig  # noqa: F401
+        from torchao.quantization.qat import IntxFakeQuantizeConfig  # noqa: F401
+        from torchao.quantization.qat import QATConfig as AOQATConfig  # noqa: F401
         return torchao.__version__, None
     except Exception as e:  # not installed, or incompatible with this torch
         return None, f"{type(e).__name__}: {e}"
@@ -100,7 +101,8 @@ def torchao_available():
 
 def torchao_prepare(model, bits, group, symmetric):
     from torchao.quantization import quantize_
-    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig as AOQATConfig
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+    from torchao.quantization.qat import QATConfig as AOQATConfig
 
     dtype = {4: torch.int4, 3: torch.int3, 2: torch.int2}[bits]
     wc = IntxFakeQuantizeConfig(dtype, group_size=group, is_symmetric=symmetric)
@@ -110,10 +112,11 @@ def torchao_prepare(model, bits, group, symmetric):
 
 def fake_quant_microbench(group, reps):
     """One weight fake-quant forward+backward on SmolLM2-135M's linear shapes, qft vs torchao, interleaved."""
-    from qft.qat.fake_quant import grouped, ste_fake_quant
-    from qft.quant.grid import weight_params
     from torchao.quantization.qat import IntxFakeQuantizeConfig
     from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    from qft.qat.fake_quant import grouped, ste_fake_quant
+    from qft.quant.grid import weight_params
 
     s = QuantScheme(bits=4, group_size=group, symmetric=True)
     ao = IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int4, group_size=group, is_symmetric=True))
@@ -269,7 +272,7 @@ def main(argv=None):
                         "(e.g. 0 0.5; measured behind learned scales, BENCHMARKS.md, so none by default)")
     p.add_argument("--scale-init", choices=["minmax", "mse"], default="minmax",
                    help="where the qat_int{bits} arms' learned scales start (QATConfig.init)")
-    p.add_argument("--scale-lr-mult", type=float, default=1.0,
+    p.add_argument("--scale-lr-mult", type=float, default=0.05,
                    help="the qat_int{bits} arms' learned scales train at --lr times this (QATConfig.lr_multiplier)")
     p.add_argument("--lsq-lr-mult", type=float, nargs="*", default=[],
                    help="extra int4 LSQ arms (scales from min-max) whose learned scales train at --lr times this")
@@ -442,7 +445,8 @@ def main(argv=None):
     res["wall_s"] = time.perf_counter() - t_start
     res["peak_rss_mb"] = rss_mb()
 
-    print(f"\n{'arm':>14} {'fp':>8} {'PTQ RTN':>8} {'PTQ GPTQ':>9} {'QAT':>8} {'recovered':>9} {'vs GPTQ':>8} {'step x':>7}")
+    print(f"\n{'arm':>14} {'fp':>8} {'PTQ RTN':>8} {'PTQ GPTQ':>9} {'QAT':>8} "
+          f"{'recovered':>9} {'vs GPTQ':>8} {'step x':>7}")
     for bits in a.bits:
         r = res[f"int{bits}"]
         print(f"{'qft int' + str(bits):>14} {r['fp_ppl']:8.3f} {r['ptq_ppl']:8.3f} {r['ptq_gptq_ppl']:9.3f} "

@@ -16,7 +16,6 @@ import os
 import tempfile
 from pathlib import Path
 
-
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 

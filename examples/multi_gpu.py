@@ -75,7 +75,6 @@ def main(argv=None):
 def report(out, trainer, module, export):
     """Each rank's view after fit: checksums of the whole trainable weights (gathered from shards under
     FSDP: a collective), how much of them the rank holds, and whether the export is visible."""
-    import torch
     from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
 

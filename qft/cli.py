@@ -57,7 +57,8 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
     src.add_argument("--adapter", help="peft adapter directory to apply on --model")
     src.add_argument("--quantized", help="exported GPTQ checkpoint directory (runs in pure torch)")
     p.add_argument("--text", help="text file for perplexity")
-    p.add_argument("--text-start", type=float, default=0.0, help="start at this fraction of the file (0.9: held-out 10%%)")
+    p.add_argument("--text-start", type=float, default=0.0,
+                   help="start at this fraction of the file (0.9: held-out 10%%)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--windows", type=int, default=16, help="number of seq_len windows for perplexity")
     p.add_argument("--task", choices=["synthetic", "none"], default="synthetic", help="also measure task accuracy")
@@ -139,7 +140,8 @@ def _dispatch(argv: list[str]) -> None:
     _eval_parser(sub.add_parser("eval", help="perplexity on a text file and synthetic-task accuracy"))
     exp = sub.add_parser("export", help="merge adapters and quantise with GPTQ into a HF GPTQ checkpoint")
     try:
-        from .export.cli import add_arguments, run as run_export
+        from .export.cli import add_arguments
+        from .export.cli import run as run_export
     except ImportError:  # export lands in its own package; keep the CLI usable without it
         add_arguments = run_export = None
     if add_arguments is not None:

@@ -1,9 +1,10 @@
 """Reading qft/Lightning checkpoints without running code from them.
 
-Full unpickling (``torch.load`` without ``weights_only``) rebuilds arbitrary objects, so a checkpoint downloaded from someone
-else could run code on ``qft eval`` or ``qft export``. qft's own checkpoints hold only tensors and plain
-containers (hyper-parameters, callback states, the record of model changes), which torch's weights-only
-unpickler reads. Anything else is refused with a message, unless the caller opts in explicitly.
+Full unpickling (``torch.load`` without ``weights_only``) rebuilds arbitrary objects, so a checkpoint
+downloaded from someone else could run code on ``qft eval`` or ``qft export``. qft's own checkpoints
+hold only tensors and plain containers (hyper-parameters, callback states, the record of model
+changes), which torch's weights-only unpickler reads. Anything else is refused with a message, unless
+the caller opts in explicitly.
 """
 from __future__ import annotations
 

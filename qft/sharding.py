@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+
 def strategy_kind(pl_module) -> str | None:
     """``"fsdp2"`` (ModelParallelStrategy), ``"fsdp"`` (FSDPStrategy) or ``None``."""
     trainer = getattr(pl_module, "_trainer", None)

@@ -14,7 +14,6 @@ its masks: nothing else needs to be stored, and every step reads this one fact (
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from qft import layers

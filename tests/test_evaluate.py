@@ -1,7 +1,8 @@
 """qft.evaluate: the teacher-forced answer accuracy counts what greedy decoding would get right."""
+from types import SimpleNamespace
+
 import torch
 from torch import nn
-from types import SimpleNamespace
 
 from qft.evaluate import answer_accuracy
 

@@ -15,7 +15,8 @@ def models():
     from qft.module import CausalLMModule
 
     out = {}
-    for name, kw in {"plain": {}, "lora": dict(adapter="lora"), "qlora": dict(quantization="nf4", adapter="lora")}.items():
+    for name, kw in {"plain": {}, "lora": dict(adapter="lora"),
+                     "qlora": dict(quantization="nf4", adapter="lora")}.items():
         m = CausalLMModule(model="tiny-llama", compute_dtype="float32", lora_r=4, **kw)
         m.configure_model()
         g = torch.Generator().manual_seed(0)

@@ -71,9 +71,9 @@ def _fit(module, batches, max_steps, tmp_path, ckpt_path=None, callbacks=(), max
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(outputs["loss"].item())
 
-    trainer = pl.Trainer(max_steps=max_steps, max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                         callbacks=[Record(), *callbacks], limit_val_batches=0)
+    trainer = pl.Trainer(max_steps=max_steps, max_epochs=max_epochs, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         num_sanity_val_steps=0, callbacks=[Record(), *callbacks], limit_val_batches=0)
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
     return trainer, losses
 
@@ -82,8 +82,11 @@ def test_qlora_checkpoint_is_adapter_only_and_resume_is_exact(tokenizer, tmp_pat
     # Lightning replays a batch when resuming mid-epoch from a plain DataLoader, so the interruption
     # falls on an epoch boundary (3 batches), and the LR is constant so both runs share a schedule.
     batches = _batches(tokenizer, 3)
-    make = lambda: CausalLMModule(model="tiny-llama", quantization="nf4", adapter="lora", lora_r=4, lr=1e-2,
-                                  min_lr_ratio=1.0, compute_dtype="float32", save_adapter=False)
+
+    def make():
+        return CausalLMModule(model="tiny-llama", quantization="nf4", adapter="lora", lora_r=4, lr=1e-2,
+                              min_lr_ratio=1.0, compute_dtype="float32", save_adapter=False)
+
     pl.seed_everything(0)
     _, full = _fit(make(), batches, -1, tmp_path, max_epochs=2)
 

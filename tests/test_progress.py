@@ -29,7 +29,7 @@ def test_progress_lines_report_tokens_per_second(tmp_path, capsys):
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path)
     trainer.fit(Tiny(), DataLoader(items, batch_size=2))
-    lines = [l for l in capsys.readouterr().out.splitlines() if "step " in l]
-    assert [l.split()[1] for l in lines] == ["2/4", "4/4"]
+    lines = [text for text in capsys.readouterr().out.splitlines() if "step " in text]
+    assert [text.split()[1] for text in lines] == ["2/4", "4/4"]
     for line in lines:
         assert re.search(r"loss \d+\.\d{3}  \d+\.\d\d s/step  \d+ tokens/s  eta \d+ s", line), line

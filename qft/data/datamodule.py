@@ -88,15 +88,17 @@ def instruct_messages(row: dict, path: str) -> list[dict]:
                            f"'instruction' and 'output' (and optional 'input'), or chat 'messages'. "
                            f"Found columns: {sorted(row)}.")
     if row["instruction"] is None or row["output"] is None:
-        raise ValueError(f"QFTDataModule(path={path!r}): a record has neither 'messages' nor 'instruction'/'output': {row}.")
+        raise ValueError(f"QFTDataModule(path={path!r}): a record has neither 'messages' nor "
+                         f"'instruction'/'output': {row}.")
     user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
     return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
 
 
 class EpochShuffle(Sampler):
     """A shuffle that depends only on (seed, epoch), so a resumed run sees the very batches an
-    uninterrupted run sees (mid-epoch, the StatefulDataLoader skips the ones already served). Lightning calls ``set_epoch`` each epoch (under DDP it
-    swaps in a DistributedSampler, which follows the same rule)."""
+    uninterrupted run sees (mid-epoch, the StatefulDataLoader skips the ones already served).
+    Lightning calls ``set_epoch`` each epoch (under DDP it swaps in a DistributedSampler, which
+    follows the same rule)."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0

@@ -29,8 +29,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from qft.layers import FAKE_QUANT_FLAG, QAT_BUFFER, adapter_holders, adapters_disabled, base_trainable, \
-    fake_quant_disabled, fake_quant_switches, linear_layers
+from qft.layers import (
+    FAKE_QUANT_FLAG,
+    QAT_BUFFER,
+    adapter_holders,
+    adapters_disabled,
+    base_trainable,
+    fake_quant_disabled,
+    fake_quant_switches,
+    linear_layers,
+)
 
 DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -123,10 +131,10 @@ class Teacher:
         moving = [n for n, m in linear_layers(model).items() if base_trainable(m)]
         if moving and self.model is None:
             if source is None:
-                raise ValueError(f"DistillConfig(teacher='self'): the student trains its own base weights ({len(moving)} "
-                                 f"layers, e.g. {moving[0]!r}), so as its own teacher it would drift with every step, "
-                                 "and qft does not know which model it started from. Hint: name the teacher, e.g. "
-                                 "teacher='smollm2-135m', or freeze the base and train adapters.")
+                raise ValueError(f"DistillConfig(teacher='self'): the student trains its own base weights "
+                                 f"({len(moving)} layers, e.g. {moving[0]!r}), so as its own teacher it would drift "
+                                 "with every step, and qft does not know which model it started from. Hint: name the "
+                                 "teacher, e.g. teacher='smollm2-135m', or freeze the base and train adapters.")
             self.model = self._load(source, int(getattr(hp, "seed", 0) or 0))
         self._checked_self = True
 

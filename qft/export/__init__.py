@@ -17,8 +17,9 @@ from .gptq import QuantizedWeight, gptq_solve, rtn_solve
 from .load import load_quantized
 from .sequential import quantize_model
 
-__all__ = ["GPTQConfig", "GPTQExportCallback", "CalibrationError", "calibration_mix", "calibration_tokens", "save_quantized", "QuantizedWeight", "gptq_solve",
-           "rtn_solve", "load_quantized", "find_decoder_blocks", "quantize_model"]
+__all__ = ["GPTQConfig", "GPTQExportCallback", "CalibrationError", "calibration_mix", "calibration_tokens",
+           "save_quantized", "QuantizedWeight", "gptq_solve", "rtn_solve", "load_quantized", "find_decoder_blocks",
+           "quantize_model"]
 
 
 def __getattr__(name):  # lazy: the callback pulls in Lightning, the functions above do not

@@ -41,8 +41,8 @@ from .gptq import HessianAccumulator, QuantizedWeight, rtn_solve
 
 N_GRID = 20  # AutoAWQ's grid of the exponent and of the clipping shrink
 MAX_SHRINK = 0.5
-NO_CLIP = ("q_proj", "k_proj")
-FOLD_CHECK_TOKENS = 128  # of the first calibration window: the batch each fold is checked on  # AutoAWQ's avoid_clipping: their outputs meet in a softmax
+NO_CLIP = ("q_proj", "k_proj")  # AutoAWQ's avoid_clipping: their outputs meet in a softmax
+FOLD_CHECK_TOKENS = 128  # of the first calibration window: the batch each fold is checked on
 
 
 def _rtn(W: torch.Tensor, cfg: GPTQConfig) -> torch.Tensor:

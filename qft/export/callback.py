@@ -9,8 +9,16 @@ import torch
 
 from qft import hooks
 
-from .calibration import (DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, GENERAL_FRACTION, CalibrationError, calibration_mix,
-                          calibration_tokens, model_max_length, skip_start)
+from .calibration import (
+    DEFAULT_N_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    GENERAL_FRACTION,
+    CalibrationError,
+    calibration_mix,
+    calibration_tokens,
+    model_max_length,
+    skip_start,
+)
 from .checkpoint import check_output_dir
 from .config import GPTQConfig
 from .merge import DEFAULT_MERGE_INTO, check_merge_into
@@ -182,8 +190,8 @@ class GPTQExportCallback(ExportCallback):
                 or not 0 <= general_fraction <= 1:
             raise ValueError(f"GPTQExportCallback(general_fraction={general_fraction!r}): a number in [0, 1].")
         if isinstance(general_start, bool) or not isinstance(general_start, (int, float)) or not 0 <= general_start < 1:
-            raise ValueError(f"GPTQExportCallback(general_start={general_start!r}): a number in [0, 1) (0.5: the second "
-                             "half of the general text).")
+            raise ValueError(f"GPTQExportCallback(general_start={general_start!r}): a number in [0, 1) (0.5: the "
+                             "second half of the general text).")
         self.general_start = general_start
         self.general_rows = round(n_samples * general_fraction) if general_calibration is not None else 0
         self.qat_grid, self.general_target = road(qat_grid, general_target, self.general_rows, n_samples,

@@ -23,9 +23,8 @@ import torch
 from qft.quant import QuantizedWeight, pack_gptq
 from qft.quant.pack import pack_awq
 
-from .prune import PrunedWeight
-
 from .config import GPTQConfig
+from .prune import PrunedWeight
 
 
 def work_dir(out: Path, kind: str) -> Path:

@@ -18,21 +18,37 @@ from pathlib import Path
 
 import torch
 
-from .calibration import (DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, GENERAL_FRACTION, CalibrationError, calibration_mix,
-                          model_max_length, skip_start)
+from .calibration import (
+    DEFAULT_N_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    GENERAL_FRACTION,
+    CalibrationError,
+    calibration_mix,
+    model_max_length,
+    skip_start,
+)
 from .checkpoint import check_output_dir
 from .config import HESSIAN_DTYPES, METHODS, SUPPORTED_BITS, GPTQConfig
+from .gguf.config import METHODS as GGUF_ALL_METHODS
+from .gguf.config import QUANTS as GGUF_QUANTS
 from .merge import DEFAULT_MERGE_INTO, MERGE_INTO, check_merge_into
 from .offload import OFFLOADS, check_offload
+from .pipeline import (
+    BACKENDS,
+    DTYPES,
+    GENERAL_TARGETS,
+    QAT_GRIDS,
+    check_backend,
+    export,
+    export_config,
+    needs_calibration,
+    road,
+)
 from .prune import PATTERNS, PRUNE_METHODS
 
 FORMATS = ("gptq", "w8a8", "gguf")
-from .gguf.config import METHODS as GGUF_ALL_METHODS, QUANTS as GGUF_QUANTS
-
 GGUF_METHODS = tuple(m for m in GGUF_ALL_METHODS if m not in METHODS)  # --format gguf's own (imatrix)
 ACTIVATIONS = ("dynamic", "static")
-from .pipeline import BACKENDS, DTYPES, GENERAL_TARGETS, QAT_GRIDS, check_backend, export, export_config, road, \
-    needs_calibration
 
 _D = GPTQConfig()
 
@@ -203,7 +219,8 @@ def run(args) -> dict:
     cfg = export_config(model, qat_grid, **grid, **solver)
     tokens = None
     if args.calibration is not None:
-        tokens = calibration_mix(args.calibration, skip_start(args.general_calibration, args.general_start), tok, args.n_samples, args.seq_len,
+        tokens = calibration_mix(args.calibration, skip_start(args.general_calibration, args.general_start), tok,
+                                 args.n_samples, args.seq_len,
                                  args.general_fraction, max_length=model_max_length(model))
     elif needs_calibration(model, cfg, qat_grid):
         raise CalibrationError("qft export: --calibration is required (GPTQ solves layers QAT did not train).")
@@ -336,7 +353,8 @@ def _run_layerwise(args, grid: dict, solver: dict) -> dict:
     tokens = None
     if args.calibration is not None:
         tokens = calibration_mix(args.calibration, skip_start(args.general_calibration, args.general_start), tok,
-                                 args.n_samples, args.seq_len, args.general_fraction, max_length=models.max_length(name))
+                                 args.n_samples, args.seq_len, args.general_fraction,
+                                 max_length=models.max_length(name))
     summary = export_layerwise(models.local_dir(name), args.output, cfg, tokens, adapter_dir=args.adapter,
                                base_quantization=quantization, merge_into=args.merge_into, tokenizer=tok,
                                overwrite=args.overwrite, device=args.device, dtype=args.dtype,

@@ -89,9 +89,9 @@ class GPTQConfig:
         if self.act_group_aware is None:
             self.act_group_aware = not self.desc_act and not structured_solve
         if structured_solve and (self.act_group_aware or self.desc_act):
-            raise ValueError(f"GPTQConfig(sparsity_pattern={self.sparsity_pattern!r}, prune_method='sparsegpt') chooses "
-                             "n of every m consecutive columns inside the solve, which must visit columns in their "
-                             "natural order: leave desc_act and act_group_aware unset (or False).")
+            raise ValueError(f"GPTQConfig(sparsity_pattern={self.sparsity_pattern!r}, prune_method='sparsegpt') "
+                             "chooses n of every m consecutive columns inside the solve, which must visit columns "
+                             "in their natural order: leave desc_act and act_group_aware unset (or False).")
         if self.act_group_aware and self.desc_act:
             raise ValueError("GPTQConfig(desc_act=True, act_group_aware=True): pick one column order; "
                              "act_group_aware keeps g_idx natural, desc_act reorders it (leave act_group_aware "

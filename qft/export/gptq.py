@@ -257,7 +257,8 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, report_error: 
                                         cfg.mse_maxshrink)
                     scale_g[g], zero_g[g] = s, z
                 s, z = scale_g[pg[col]], zero_g[pg[col]]
-                q = (torch.div(w, s).add_(z).round_() if offset_grid else torch.div(w, s).round_().add_(z)).clamp_(0, maxq)
+                q = (torch.div(w, s).add_(z).round_() if offset_grid
+                     else torch.div(w, s).round_().add_(z)).clamp_(0, maxq)
                 if M1 is not None:
                     q = torch.where(M1[i], z, q)
                 Qt[col] = q

@@ -36,9 +36,9 @@ from qft.tensor_stream import TensorFiles, place
 
 from .blocks import block_linears, find_decoder_blocks
 from .checkpoint import CheckpointWriter, check_output_dir, packed_layer, plain_tensors, quantization_config
-from .load import load_quantized
 from .config import GPTQConfig
 from .dtype import check_dtype_name, save_candidates
+from .load import load_quantized
 from .merge import check_merge_into
 from .offload import check_offload
 from .sequential import quantize_model
@@ -177,8 +177,8 @@ def export_layerwise(model_dir, output_dir, cfg: GPTQConfig, tokens: torch.Tenso
                    "calibration": None if tokens is None else list(tokens.shape),
                    "save_dtype": str(save).replace("torch.", ""), "check_batch_peak_activation": peak,
                    "seconds": time.perf_counter() - t0}
-        verify = lambda tmp: check_written(load_quantized(tmp, device, save), ref, kl_limit(cfg.bits), "export_layerwise",  # noqa: E731
-                                           save)
+        verify = lambda tmp: check_written(load_quantized(tmp, device, save), ref, kl_limit(cfg.bits),  # noqa: E731
+                                           "export_layerwise", save)
         out = writer.finish(model, quantization_config(cfg), save, tokenizer, rows, {"qft_export.json": summary},
                             verify=verify)
     except BaseException:

@@ -108,7 +108,8 @@ def merge_adapters(trained: nn.Module, base: nn.Module | str | None = None, merg
         d = layers.adapter_delta(m, masks.get(name))
         if d is not None:
             if d.shape != w.shape:
-                raise KeyError(f"merge: adapter of {name} has shape {tuple(d.shape)}, the base weight {tuple(w.shape)}.")
+                raise KeyError(f"merge: adapter of {name} has shape {tuple(d.shape)}, "
+                               f"the base weight {tuple(w.shape)}.")
             w = w + (d.cpu() * (w != 0) if keep_zeros else d.cpu())
         sd[f"{name}.weight"] = w
         b = layers.bias(m)

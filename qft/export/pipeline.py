@@ -26,11 +26,11 @@ from qft.sparsity import is_sparse
 
 from .blocks import check_model, find_decoder_blocks
 from .calibration import CalibrationError
-from .checkpoint import check_output_dir, save_quantized, work_dir, _swap_into_place
+from .checkpoint import _swap_into_place, check_output_dir, save_quantized, work_dir
 from .config import GPTQConfig
 from .dtype import DTYPES, check_dtype_name
-from .merge import DEFAULT_MERGE_INTO, check_merge_into, drift, merge_adapters
 from .load import load_quantized
+from .merge import DEFAULT_MERGE_INTO, check_merge_into, drift, merge_adapters
 from .offload import check_offload
 from .sequential import quantize_model
 from .verify import Reference, check_tokens, check_written, kl_limit
@@ -219,7 +219,8 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
     # one by design (the base the adapters did not train on) and is measured apart, as "drift".
     ref = Reference(hf if merge_into == "trained" else model, check_tokens(tokens, tokenizer, hf.config.vocab_size))
     found = layers.linear_layers(layers.unwrap(trained)).values()
-    summary = {"merge_into": merge_into, "general_target": general_target, "general_rows": general_rows, "merged_layers": sum(1 for m in found if layers.adapters(m)),
+    summary = {"merge_into": merge_into, "general_target": general_target, "general_rows": general_rows,
+               "merged_layers": sum(1 for m in found if layers.adapters(m)),
                "qat_grid": qat_grid if fixed or qat_grid == "resolve" and layers.grids(trained) else None,
                "learned_layers": len(fixed), "masks": len(masks or {}), "backend": backend, "config": cfg.to_dict(),
                "calibration": None if tokens is None else list(tokens.shape)}
@@ -252,7 +253,8 @@ def export(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg: GPT
 
         out = save_quantized(model, quantized, cfg, output_dir, tokenizer=tokenizer, overwrite=overwrite,
                              dtype=DTYPES[save_dtype], report_rows=rows, extra_files={"qft_export.json": summary},
-                             verify=lambda tmp, d: check_written(load_quantized(tmp, device, d), ref, limit, "export", d))
+                             verify=lambda tmp, d: check_written(load_quantized(tmp, device, d), ref, limit,
+                                                                 "export", d))
     else:
         trained.train(was_training)
         out = _export_gptqmodel(model, tokenizer, tokens, output_dir, cfg, overwrite, summary, t0, t1)

@@ -30,13 +30,30 @@ from torch import nn
 
 from qft import memory
 
-from .blocks import (block_linears, check_model, child_endings, discover_groups, final_children, find_decoder_blocks,
-                     replaying, run_block, slice_kwargs)
+from .blocks import (
+    block_linears,
+    check_model,
+    child_endings,
+    discover_groups,
+    final_children,
+    find_decoder_blocks,
+    replaying,
+    run_block,
+    slice_kwargs,
+)
 from .config import GPTQConfig
+from .gptq import (
+    HessianAccumulator,
+    QuantizedWeight,
+    damped_inverse_cholesky,
+    direct_output_error,
+    gptq_solve,
+    params_for_groups,
+    relative_output_error,
+    rtn_solve,
+)
 from .offload import Offload, check_offload
 from .prune import PrunedWeight, magnitude_mask, sparsity_of, wanda_mask
-from .gptq import (HessianAccumulator, QuantizedWeight, damped_inverse_cholesky, direct_output_error, gptq_solve,
-                   params_for_groups, relative_output_error, rtn_solve)
 
 
 class _StopForward(Exception):
@@ -110,8 +127,9 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
     ``fixed`` maps qualified layer names to grids chosen before (what QAT learned, ``qft.layers.grids``):
     those layers are written as given, with no solve, or with ``refine`` GPTQ re-solves their codes
     inside the given scales and zeros, toward the given grid's own weights (the model QAT trained) on
-    task windows and toward the anchor on general ones (without an anchor that is the given grid again). The other layers are solved as usual, on inputs that went through
-    the fixed ones. When every layer is fixed and nothing is refined, no calibration forward runs at all.
+    task windows and toward the anchor on general ones (without an anchor that is the given grid again).
+    The other layers are solved as usual, on inputs that went through the fixed ones. When every layer
+    is fixed and nothing is refined, no calibration forward runs at all.
 
     ``anchor`` (``{qualified layer name: fp32 weight}``) with ``anchor_rows`` > 0 says that the last
     ``anchor_rows`` calibration sequences (general text) should come out as the anchor weights compute
@@ -193,8 +211,10 @@ def quantize_model(model: nn.Module, cfg: GPTQConfig, tokens: torch.Tensor | Non
                               relative_output_error(lin.weight, deq, torch.eye(lin.in_features, device=deq.device)))
             lin.weight.copy_(deq.to(lin.weight))
             rows.append(dict(layer=full, block=i, in_features=lin.in_features, out_features=lin.out_features,
-                             shared_with=",".join(x for x in names if x != n), method=method, bits=getattr(part, "bits", cfg.bits),
-                             group_size=getattr(part, "group_size", cfg.group_size), damp_percent=qw.damp_percent, n_tokens=n_tokens,
+                             shared_with=",".join(x for x in names if x != n), method=method,
+                             bits=getattr(part, "bits", cfg.bits),
+                             group_size=getattr(part, "group_size", cfg.group_size), damp_percent=qw.damp_percent,
+                             n_tokens=n_tokens,
                              gptq_loss=qw.loss, rel_output_error=part.rel_error, seconds=round(seconds, 4),
                              **awq_of.get(full, {}),
                              **({"prune_method": cfg.prune_method, "sparsity": sparsity_of(deq)} if cfg.pruning

@@ -146,15 +146,15 @@ def check_written(model: nn.Module, ref: Reference, limit: float, what: str, dty
     summary.update(limit=limit, tokens=int(ref.tokens.numel()))
     if not got["finite"]:
         where = got["first_nonfinite"] or diverging_block(got["block_errors"], got["prefix"])
-        raise ExportCheckError(f"{what}: the written checkpoint, loaded{dt}, gives non-finite logits on the check batch; "
-                               f"the first non-finite output is {where}'s. Activations beyond the dtype's range "
+        raise ExportCheckError(f"{what}: the written checkpoint, loaded{dt}, gives non-finite logits on the check "
+                               f"batch; the first non-finite output is {where}'s. Activations beyond the dtype's range "
                                "(float16 ends at 65,504) are the usual cause: export with save_dtype='bfloat16' or "
                                "'float32'.", nonfinite=True, found=summary)
     if got["kl_ratio"] > limit:
-        raise ExportCheckError(f"{what}: the written checkpoint, loaded{dt}, is far from the model it was exported from: "
-                               f"KL {got['kl']:.3g} nats per token, {got['kl_ratio']:.2f}x what a uniform guess scores "
-                               f"(the format's normal range ends at {limit}x). Its outputs first diverge at "
-                               f"{diverging_block(got['block_errors'], got['prefix'])}. Nothing was written. More bits, "
-                               "a smaller group, or a calibrated method (GPTQ, AWQ) keep a model closer.",
+        raise ExportCheckError(f"{what}: the written checkpoint, loaded{dt}, is far from the model it was exported "
+                               f"from: KL {got['kl']:.3g} nats per token, {got['kl_ratio']:.2f}x what a uniform guess "
+                               f"scores (the format's normal range ends at {limit}x). Its outputs first diverge at "
+                               f"{diverging_block(got['block_errors'], got['prefix'])}. Nothing was written. More "
+                               "bits, a smaller group, or a calibrated method (GPTQ, AWQ) keep a model closer.",
                                nonfinite=False, found=summary)
     return summary

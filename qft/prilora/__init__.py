@@ -6,8 +6,7 @@ gives the peft ``rank_pattern``/``alpha_pattern`` for users of plain peft.
 """
 from .callback import PRILoRACallback, check_target_modules
 from .config import PRILoRAConfig
-from .math import (alpha_schedule, build_patterns, importance, is_pruning_step, rank_schedule, sparsity_at,
-                   update_mask)
+from .math import alpha_schedule, build_patterns, importance, is_pruning_step, rank_schedule, sparsity_at, update_mask
 
 __all__ = ["PRILoRACallback", "PRILoRAConfig", "build_patterns", "rank_schedule", "alpha_schedule", "importance",
            "sparsity_at", "is_pruning_step", "update_mask", "check_target_modules"]

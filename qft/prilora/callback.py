@@ -45,7 +45,8 @@ def check_target_modules(model: torch.nn.Module, target_modules) -> None:
     if isinstance(target_modules, str):
         if not any(re.fullmatch(target_modules, n) for n in names):
             raise ValueError(f"target_modules={target_modules!r} (a regex) matches no module of the base model. "
-                             f"Linear layer names include {leaves}. Hint: use a list of names, e.g. ['q_proj', 'v_proj'].")
+                             f"Linear layer names include {leaves}. "
+                             "Hint: use a list of names, e.g. ['q_proj', 'v_proj'].")
         return
     bad = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if bad:
@@ -136,7 +137,8 @@ class PRILoRACallback(pl.Callback):
     def _plan(self, pl_module) -> None:
         model = getattr(pl_module, "model", None)
         if not isinstance(model, torch.nn.Module):
-            raise RuntimeError("PRILoRACallback needs `pl_module.model` (the HF model) to exist when the model is ready.")
+            raise RuntimeError("PRILoRACallback needs `pl_module.model` (the HF model) "
+                               "to exist when the model is ready.")
         already_adapted = bool(layers.adapter_holders(model))
         base = model.get_base_model() if already_adapted and hasattr(model, "get_base_model") else model
         if not already_adapted:
@@ -177,7 +179,8 @@ class PRILoRACallback(pl.Callback):
             if idx is None:
                 outside.append(mod_name)
             elif m.r[name] != ranks[idx] or (self.plan.get("check_alpha", True) and
-                                             abs(float(m.lora_alpha[name]) - alphas[idx]) > 1e-6 * max(1.0, alphas[idx])):
+                                             abs(float(m.lora_alpha[name]) - alphas[idx])
+                                             > 1e-6 * max(1.0, alphas[idx])):
                 wrong.append(f"{mod_name}: r={m.r[name]}, alpha={m.lora_alpha[name]} (planned r={ranks[idx]}, "
                              f"alpha={alphas[idx]:g})")
             found[mod_name] = m.lora_A[name]
@@ -187,12 +190,12 @@ class PRILoRACallback(pl.Callback):
             raise RuntimeError(f"PRILoRA found no LoRA layer of adapter {name!r} in the model. Hint: use "
                                "CausalLMModule(adapter='lora') or wrap the model with peft.get_peft_model first.")
         if wrong:
-            raise RuntimeError(f"PRILoRA: {len(wrong)} LoRA modules did not get their planned rank; peft silently ignores "
-                               f"rank_pattern keys that match nothing. First ones: {wrong[:4]}. Hint: pass "
+            raise RuntimeError(f"PRILoRA: {len(wrong)} LoRA modules did not get their planned rank; peft silently "
+                               f"ignores rank_pattern keys that match nothing. First ones: {wrong[:4]}. Hint: pass "
                                "qft.prilora.math.build_patterns(...) as LoraConfig(rank_pattern=, alpha_pattern=).")
         if outside:
-            warnings.warn(f"PRILoRA: {len(outside)} LoRA modules lie outside the decoder layers ({outside[:3]}); they keep "
-                          "the module's default rank but are pruned like the others.", RuntimeWarning)
+            warnings.warn(f"PRILoRA: {len(outside)} LoRA modules lie outside the decoder layers ({outside[:3]}); they "
+                          "keep the module's default rank but are pruned like the others.", RuntimeWarning)
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -244,7 +247,8 @@ class PRILoRACallback(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.apply_masks()
         step = trainer.global_step
-        if step > self.last_pruned_step and pm.is_pruning_step(step, self.start_step, self.end_step, self.config.interval):
+        if step > self.last_pruned_step and pm.is_pruning_step(step, self.start_step, self.end_step,
+                                                               self.config.interval):
             self.prune(step)
             if self.config.log:
                 pl_module.log_dict(self.metrics(), on_step=True, on_epoch=False, logger=True, rank_zero_only=True)
@@ -336,7 +340,8 @@ class PRILoRACallback(pl.Callback):
         folder = getattr(ckpt, "dirpath", None) if ckpt is not None else None
         folder = folder or trainer.log_dir or trainer.default_root_dir
         self.plot_path = plot_layers(self.layer_report(), folder, self.PLOT_NAME,
-                                     title=f"PRILoRA r {self.config.r_start}->{self.config.r_end}, step {trainer.global_step}")
+                                     title=f"PRILoRA r {self.config.r_start}->{self.config.r_end}, "
+                                           f"step {trainer.global_step}")
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -347,7 +352,8 @@ class PRILoRACallback(pl.Callback):
                 "ema_counts": dict(self.ema_counts), "shadow": cpu(self.shadow)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("plan") is not None and self.plan is not None and state_dict["plan"]["ranks"] != self.plan["ranks"]:
+        if (state_dict.get("plan") is not None and self.plan is not None
+                and state_dict["plan"]["ranks"] != self.plan["ranks"]):
             raise ValueError(f"PRILoRA: the checkpoint planned ranks {state_dict['plan']['ranks']} but this run "
                              f"planned {self.plan['ranks']}; resume with the same r_start/r_end and model.")
         if self._lora:

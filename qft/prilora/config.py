@@ -45,16 +45,19 @@ class PRILoRAConfig:
     end_step: Optional[int] = field(default=None, metadata={"help": (
         "Optimizer step at which final_sparsity is reached. None: 80% of the run, leaving the last 20% to "
         "recover at fixed sparsity.")})
-    interval: int = field(default=10, metadata={"help": "Prune every `interval` optimizer steps between start_step and end_step."})
+    interval: int = field(default=10, metadata={"help": (
+        "Prune every `interval` optimizer steps between start_step and end_step.")})
     ema_beta: float = field(default=0.95, metadata={"help": (
-        "EMA coefficient of the per-feature mean of x_j^2 (per training forward): ema = beta*ema + (1-beta)*batch. "
+        "EMA coefficient of the per-feature mean of x_j^2 (per training forward): "
+        "ema = beta*ema + (1-beta)*batch. "
         "0.95 averages over roughly the last 20 batches.")})
     regrow: bool = field(default=False, metadata={"help": (
         "False: pruned entries stay pruned. True: every pruning step recomputes the mask from scratch; a pruned "
         "entry is scored with the value it had when pruned and comes back with that value if it wins.")})
     adapter_name: str = field(default="default", metadata={"help": "peft adapter whose LoRA A matrices are pruned."})
     log: bool = field(default=True, metadata={"help": "Log per-layer rank and A-sparsity to the Lightning logger."})
-    plot: bool = field(default=True, metadata={"help": "Write a PNG of rank and sparsity per layer next to the checkpoints at fit end."})
+    plot: bool = field(default=True, metadata={"help": (
+        "Write a PNG of rank and sparsity per layer next to the checkpoints at fit end.")})
 
     def __post_init__(self):
         for name in ("r_start", "r_end"):
@@ -84,10 +87,13 @@ class PRILoRAConfig:
         if self.start_step is not None and self.end_step is not None and self.end_step <= self.start_step:
             raise _err("end_step", self.end_step, f"an integer > start_step={self.start_step}",
                        "the schedule ramps sparsity up between the two steps.")
-        if isinstance(self.ema_beta, bool) or not isinstance(self.ema_beta, (int, float)) or not 0.0 <= self.ema_beta < 1.0:
-            raise _err("ema_beta", self.ema_beta, "a float in [0, 1)", "0.95 averages over ~20 batches; 0 keeps only the last batch.")
+        if isinstance(self.ema_beta, bool) or not isinstance(self.ema_beta, (int, float)) \
+                or not 0.0 <= self.ema_beta < 1.0:
+            raise _err("ema_beta", self.ema_beta, "a float in [0, 1)",
+                       "0.95 averages over ~20 batches; 0 keeps only the last batch.")
         if not isinstance(self.adapter_name, str) or not self.adapter_name:
-            raise _err("adapter_name", self.adapter_name, "a non-empty peft adapter name", "peft's default is 'default'.")
+            raise _err("adapter_name", self.adapter_name, "a non-empty peft adapter name",
+                       "peft's default is 'default'.")
 
     def resolve_steps(self, total_steps: Optional[float]) -> tuple:
         """``(start_step, end_step)``, filling None from ``total_steps`` (the run's optimizer steps)."""
@@ -96,7 +102,8 @@ class PRILoRAConfig:
             if total_steps is None or total_steps == float("inf") or total_steps < 1:
                 raise ValueError(
                     f"PRILoRAConfig(start_step={start!r}, end_step={end!r}): None means a fraction of the run, but "
-                    f"the run length is unknown (estimated_stepping_batches={total_steps!r}). Hint: set Trainer(max_steps=...) "
+                    f"the run length is unknown (estimated_stepping_batches={total_steps!r}). "
+                    "Hint: set Trainer(max_steps=...) "
                     "or give start_step and end_step explicitly.")
             total = int(total_steps)
             if start is None:

@@ -172,7 +172,8 @@ def update_mask(score: torch.Tensor, mask: torch.Tensor, sparsity: float, regrow
     equal masks on every DDP rank.
     """
     if score.shape != mask.shape or score.dim() != 2:
-        raise ValueError(f"update_mask(): score {tuple(score.shape)} and mask {tuple(mask.shape)} must be equal 2-D shapes.")
+        raise ValueError(f"update_mask(): score {tuple(score.shape)} and mask {tuple(mask.shape)} "
+                         "must be equal 2-D shapes.")
     rows, cols = score.shape
     k = prune_count(cols, sparsity)
     score = score.float()

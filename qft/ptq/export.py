@@ -32,10 +32,11 @@ def export_w8a8(trained, tokenizer, tokens: torch.Tensor | None, output_dir, cfg
     ``dtype``: the precision of the weight solve and the calibration passes (``auto``: bf16 where
     supported); ``save_dtype``: of the tensors left in floating point (``auto``: one the model runs
     correctly in, ``qft.export.dtype``). Before the rename the written checkpoint is loaded as a user
-    loads it and checked on one batch against the trained model (``qft.export.verify``). ``qat_grid``: for a model trained with ``QATCallback`` on an int8 per-channel grid
-    (and ``activation=``), ``"keep"`` writes the codes, scales and static input ranges it learned, so the
-    checkpoint computes what the fake-quant model computed; ``"resolve"`` quantizes the merged weights
-    anew (``qft.ptq.learned``). Returns the summary, also written as ``qft_export.json``.
+    loads it and checked on one batch against the trained model (``qft.export.verify``). ``qat_grid``:
+    for a model trained with ``QATCallback`` on an int8 per-channel grid (and ``activation=``),
+    ``"keep"`` writes the codes, scales and static input ranges it learned, so the checkpoint computes
+    what the fake-quant model computed; ``"resolve"`` quantizes the merged weights anew
+    (``qft.ptq.learned``). Returns the summary, also written as ``qft_export.json``.
     """
     from .checkpoint import load_w8a8, save_w8a8
 

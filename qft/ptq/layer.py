@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qft.quant import InputGrid, QuantScheme, QuantizedWeight
+from qft.quant import InputGrid, QuantizedWeight, QuantScheme
 from qft.quant.grid import activation_params
 
 ZERO = 128  # the symmetric 8-bit grid's zero point in qft's unsigned convention (codes 0..255)

@@ -25,9 +25,9 @@ _HINT = ("Train with QATCallback(weight=QuantScheme(bits=8, granularity='per_cha
 
 def check_qat_grid(qat_grid: str) -> str:
     if qat_grid not in QAT_GRIDS:
-        raise ValueError(f"export_w8a8(qat_grid={qat_grid!r}) is unknown; allowed: {list(QAT_GRIDS)} ('keep': write the "
-                         "int8 grid and input ranges QAT learned; 'resolve': ignore them and quantize the merged "
-                         "weights anew).")
+        raise ValueError(f"export_w8a8(qat_grid={qat_grid!r}) is unknown; allowed: {list(QAT_GRIDS)} ('keep': "
+                         "write the int8 grid and input ranges QAT learned; 'resolve': ignore them and quantize the "
+                         "merged weights anew).")
     return qat_grid
 
 

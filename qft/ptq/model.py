@@ -33,7 +33,6 @@ from .config import W8A8Config
 from .layer import W8A8Linear, input_scale_from_absmax
 from .smoothquant import smooth
 
-
 CHECK_TOKENS = 128  # of the first calibration window: the batch each fold is checked on
 
 

@@ -82,8 +82,8 @@ class QATCallback(pl.Callback):
                  activation: Optional[QuantScheme] = None, start_step: int = 0,
                  freeze_observers_step: Optional[int] = None, ignore: Sequence[str] = ("lm_head",),
                  targets: Optional[Sequence[str]] = None, range_learning: bool = False, lr_multiplier: float = 1.0,
-                 lora_merged: Optional[bool] = None, observer_momentum: float = 0.01, allow_partial_groups: bool = False,
-                 convert_on_fit_end: bool = False, init="minmax"):
+                 lora_merged: Optional[bool] = None, observer_momentum: float = 0.01,
+                 allow_partial_groups: bool = False, convert_on_fit_end: bool = False, init="minmax"):
         self.config = QATConfig(weight=weight, activation=activation, start_step=start_step,
                                 freeze_observers_step=freeze_observers_step, ignore=ignore, targets=targets,
                                 range_learning=range_learning, lr_multiplier=lr_multiplier, lora_merged=lora_merged,

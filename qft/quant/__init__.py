@@ -5,5 +5,5 @@ from .qlinear import GPTQLinear
 from .qweight import InputGrid, QuantizedWeight
 from .scheme import QuantScheme
 
-__all__ = ["QuantScheme", "InputGrid", "GPTQLinear", "QuantizedWeight", "pack_gptq", "unpack_gptq", "rtn_quantize_weight", "rtn_fake_quant_weight",
-           "scale_zero_from_range", "weight_params"]
+__all__ = ["QuantScheme", "InputGrid", "GPTQLinear", "QuantizedWeight", "pack_gptq", "unpack_gptq",
+           "rtn_quantize_weight", "rtn_fake_quant_weight", "scale_zero_from_range", "weight_params"]

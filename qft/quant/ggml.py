@@ -121,7 +121,9 @@ class BlockGrid:
         return QuantizedWeight(codes.to(torch.int32), self.scale(), self.zero(), g_idx, self.fmt.bits, self.fmt.block)
 
     def cpu(self) -> "BlockGrid":
-        move = (lambda t: None if t is None else t.cpu())
+        def move(t):
+            return None if t is None else t.cpu()
+
         return BlockGrid(self.fmt, move(self.d), move(self.sc), move(self.dmin), move(self.mn))
 
 
@@ -202,7 +204,10 @@ def choose_grid(x: torch.Tensor, fmt: BlockFormat | str, importance: torch.Tenso
     for r in range(0, rows, step):
         out.append(_choose_rows(x[r:r + step].float(), fmt, imp))
     first = out[0]
-    cat = (lambda name: None if getattr(first, name) is None else torch.cat([getattr(g, name) for g in out]))
+
+    def cat(name):
+        return None if getattr(first, name) is None else torch.cat([getattr(g, name) for g in out])
+
     return BlockGrid(fmt, cat("d"), cat("sc"), cat("dmin"), cat("mn"))
 
 

@@ -38,7 +38,8 @@ class QuantizedWeight:
                                self.bits, self.group_size, self.damp_percent, self.loss, self.rel_error)
 
     def cpu(self) -> "QuantizedWeight":
-        self.codes, self.scale, self.zero, self.g_idx = (t.cpu() for t in (self.codes, self.scale, self.zero, self.g_idx))
+        self.codes, self.scale, self.zero, self.g_idx = (t.cpu()
+                                                         for t in (self.codes, self.scale, self.zero, self.g_idx))
         return self
 
     @staticmethod

@@ -91,7 +91,10 @@ def test_instruction_loss_is_on_the_response_only(tmp_path, tokenizer):
 
 def test_synthetic_splits_are_disjoint_and_deterministic():
     train, val = addition_splits(500, 100, seed=0)
-    key = lambda r: r["messages"][1]["content"]
+
+    def key(r):
+        return r["messages"][1]["content"]
+
     assert not {key(r) for r in train} & {key(r) for r in val}
     assert addition_splits(500, 100, seed=0) == (train, val)
     q = val[0]["messages"]

@@ -4,7 +4,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from qft.distill import DistillConfig, DistillationModule, distill_loss, fake_quant_disabled, self_teacher_mode
+from qft.distill import DistillationModule, DistillConfig, distill_loss, fake_quant_disabled, self_teacher_mode
 from qft.distill.losses import shift_labels
 
 F32 = dict(model="tiny-llama", compute_dtype="float32")

@@ -4,7 +4,8 @@ import pytorch_lightning as pl
 import torch
 
 from qft.distill import DistillationModule
-from qft.layers import fake_quant_disabled, fake_quant_switches as fake_quant_modules
+from qft.layers import fake_quant_disabled
+from qft.layers import fake_quant_switches as fake_quant_modules
 
 qat = pytest.importorskip("qft.qat")
 from qft.quant import QuantScheme  # noqa: E402
@@ -92,8 +93,8 @@ def test_full_finetune_self_teacher_stays_the_starting_model(token_batches):
 def test_self_teacher_without_a_source_is_refused_for_a_full_finetune():
     from types import SimpleNamespace
 
-    from qft.distill.teacher import Teacher
     from qft.distill.config import DistillConfig
+    from qft.distill.teacher import Teacher
 
     m = DistillationModule(distill=dict(teacher="self"), **F32)
     _prepared(m)

@@ -88,7 +88,8 @@ def test_offset_grid_solve_stays_on_the_grid():
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(16, 256, generator=g) * 0.05
-    X = torch.randn(1024, 48, generator=g) @ torch.randn(48, 256, generator=g) + 0.1 * torch.randn(1024, 256, generator=g)
+    X = (torch.randn(1024, 48, generator=g) @ torch.randn(48, 256, generator=g)
+         + 0.1 * torch.randn(1024, 256, generator=g))
     H = X.t() @ X / 1024  # correlated inputs, as a layer's are: what GPTQ's compensation uses
     codes, grid = quantize(W, "Q4_K", torch.diag(H))
     rtn = grid.quantized(codes)

@@ -48,7 +48,8 @@ def _compare(path, tok, reference):
             ours.append(reference(torch.tensor([ids])).logits[0].float())
     a, b = torch.cat(theirs), torch.cat(ours)
     d = (a - b) / b.std()
-    return llm, float(d.square().mean().sqrt()), float(d.abs().max()), float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    return (llm, float(d.square().mean().sqrt()), float(d.abs().max()),
+            float((a.argmax(-1) == b.argmax(-1)).float().mean()))
 
 
 def test_the_runtime_is_built_without_amx():

@@ -21,8 +21,9 @@ def test_identity_hessian_reduces_to_rtn():
     assert torch.equal(q.codes, r.codes) and torch.equal(q.scale, r.scale)
 
 
-@pytest.mark.parametrize("kw", [dict(bits=4), dict(bits=3, sym=False), dict(bits=2, group_size=32, desc_act=True), dict(bits=8),
-                                dict(group_size=-1), dict(desc_act=True), dict(desc_act=True, static_groups=False),
+@pytest.mark.parametrize("kw", [dict(bits=4), dict(bits=3, sym=False), dict(bits=2, group_size=32, desc_act=True),
+                                dict(bits=8), dict(group_size=-1), dict(desc_act=True),
+                                dict(desc_act=True, static_groups=False),
                                 dict(mse=True), dict(true_sequential=False, group_size=128),
                                 dict(act_group_aware=True), dict(act_group_aware=True, bits=3, sym=False)])
 def test_gptq_beats_rtn_on_output_error(kw):
@@ -100,7 +101,8 @@ def test_scales_are_fp16_representable():
     assert torch.equal(q.scale, q.scale.half().float())
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(bits=5), "bits=5"), (dict(bits=1), "bits=1"), (dict(group_size=0), "group_size"),
+@pytest.mark.parametrize("kw,msg", [(dict(bits=5), "bits=5"), (dict(bits=1), "bits=1"),
+                                    (dict(group_size=0), "group_size"),
                                     (dict(damp_percent=1.5), "damp_percent"), (dict(method="smoothquant"), "method"),
                                     (dict(desc_act=True, act_group_aware=True), "pick one column order"),
                                     (dict(hessian_dtype="fp16"), "hessian_dtype='fp16'")])

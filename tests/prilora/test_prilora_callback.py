@@ -4,12 +4,11 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from prilora_helpers import PlainPeftModule, token_loader, trainer_kwargs, vector_loader
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from qft.prilora import PRILoRACallback, build_patterns, rank_schedule
 from qft.prilora import math as pm
-
-from prilora_helpers import PlainPeftModule, token_loader, trainer_kwargs, vector_loader
 
 
 def _lora_layers(model, adapter="default"):
@@ -126,7 +125,8 @@ def test_nf4_causal_lm_ranks_pruning_logging_plot(tmp_path):
         w, mask = m.lora_A["default"].weight, cb.masks[name]
         assert ((~mask).sum(1) == w.shape[1] // 2).all()
         assert (w[~mask] == 0).all()
-        assert cb.ema_counts[name] == 6  # training forwards up to end_step only: sanity check and validation do not count
+        # training forwards up to end_step only: sanity check and validation do not count
+        assert cb.ema_counts[name] == 6
     assert cb.last_pruned_step == 6
     logged = trainer.logged_metrics
     assert logged["prilora/rank/layer_00"] == 4 and logged["prilora/rank/layer_03"] == 12

@@ -1,10 +1,9 @@
 """Stopping mid-schedule and resuming gives the same masks, EMAs and adapters as an uninterrupted run."""
 import pytorch_lightning as pl
 import torch
+from prilora_helpers import token_loader, trainer_kwargs
 
 from qft.prilora import PRILoRACallback
-
-from prilora_helpers import token_loader, trainer_kwargs
 
 
 def _run(tmp_path, epochs, ckpt_path=None):

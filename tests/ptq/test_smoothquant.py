@@ -1,12 +1,11 @@
 """SmoothQuant: the pairs are found by running the model, folding keeps the function, outliers shrink."""
 import torch
+from ptq_helpers import logits
 
+from qft.export.fold import smoothing_pairs
 from qft.ptq.calibrate import input_absmax
 from qft.ptq.model import decoder_linears
-from qft.export.fold import smoothing_pairs
 from qft.ptq.smoothquant import smooth, smoothing_scales
-
-from ptq_helpers import logits
 
 
 def test_smoothing_pairs_are_found_by_running_the_model(tiny, calib_tokens):

@@ -3,11 +3,10 @@ import json
 
 import pytest
 import torch
+from ptq_helpers import logits
 
 from qft.export.calibration import CalibrationError
 from qft.ptq import W8A8Config, W8A8Linear, load_w8a8, quantize_w8a8, save_w8a8
-
-from ptq_helpers import logits
 
 EVAL = torch.randint(0, 5000, (2, 48), generator=torch.Generator().manual_seed(7))
 

@@ -5,13 +5,12 @@ import json
 
 import pytest
 import torch
+from ptq_helpers import logits
 from safetensors.torch import load_file
 
 from qft.ptq import W8A8Config, load_w8a8
 from qft.ptq.export import export_w8a8
 from qft.quant import QuantScheme
-
-from ptq_helpers import logits
 
 INT8 = QuantScheme(bits=8, granularity="per_channel", symmetric=True)
 ACTS = {"dynamic": QuantScheme(bits=8, granularity="per_token", dynamic=True),

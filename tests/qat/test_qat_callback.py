@@ -1,11 +1,10 @@
 """QATCallback in Lightning: schedule, checkpoints/resume, validate/test after fit, convert, fresh-module load."""
 import pytest
 import torch
+from qat_helpers import TinyNet, trainer
 
 from qft.qat import FakeQuantLinear, QATCallback, restore
 from qft.quant import GPTQLinear, QuantScheme
-
-from qat_helpers import TinyNet, trainer
 
 W4 = QuantScheme(bits=4, group_size=32, symmetric=False)
 A8 = QuantScheme(bits=8, granularity="per_tensor")

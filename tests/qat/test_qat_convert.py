@@ -3,8 +3,15 @@ import pytest
 import torch
 from torch import nn
 
-from qft.qat import (ActQuantGPTQLinear, FakeQuantLinear, FakeQuantLoRALinear, QATConfig, convert,
-                     fake_quant_modules, prepare)
+from qft.qat import (
+    ActQuantGPTQLinear,
+    FakeQuantLinear,
+    FakeQuantLoRALinear,
+    QATConfig,
+    convert,
+    fake_quant_modules,
+    prepare,
+)
 from qft.quant import GPTQLinear, QuantScheme
 
 IDS = torch.randint(0, 2000, (2, 16), generator=torch.Generator().manual_seed(0))

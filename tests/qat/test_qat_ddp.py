@@ -2,8 +2,8 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from qat_helpers import TinyNet
+
 from qft.qat import QATCallback
 from qft.quant import QuantScheme
 
@@ -31,8 +31,8 @@ class ShardNet(TinyNet):
 
 
 def test_observers_identical_across_two_gloo_ranks(tmp_path):
-    cb = QATCallback(weight=QuantScheme(bits=4, group_size=32), activation=QuantScheme(bits=8, granularity="per_tensor"),
-                     start_step=1, freeze_observers_step=2)
+    cb = QATCallback(weight=QuantScheme(bits=4, group_size=32),
+                     activation=QuantScheme(bits=8, granularity="per_tensor"), start_step=1, freeze_observers_step=2)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=3, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          num_sanity_val_steps=0, limit_val_batches=0, callbacks=[cb, Dump(tmp_path)],

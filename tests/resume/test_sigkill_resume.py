@@ -57,7 +57,8 @@ def test_sigkill_mid_epoch_resumes_bit_for_bit(case, tmp_path):
     assert not (tmp_path / "killed" / "result.json").exists()
     last = tmp_path / "killed" / "ckpt" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=True)
-    assert saved["global_step"] == 6 and saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # mid-epoch, loader state in
+    # mid-epoch, loader state in
+    assert saved["global_step"] == 6 and saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
 
     resumed = _run(case, tmp_path / "resumed", "--ckpt", str(last))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -21,8 +21,17 @@ from ..sequential import quantize_model
 from ..verify import Reference, check_tokens, check_written, kl_limit
 from .config import GGUFConfig
 from .mix import FLOAT, tensor_types
-from .writer import (check_architecture, check_output_file, copy_tokenizer, gguf_name, hyperparameters, rotary_rows,
-                     tokenizer_from_hf, write_gguf)
+from .writer import (
+    check_architecture,
+    check_output_file,
+    copy_tokenizer,
+    gguf_name,
+    hyperparameters,
+    rotary_rows,
+    tokenizer_from_hf,
+    write_gguf,
+)
+
 
 def file_type(quant: str) -> int:
     """``general.file_type``: gguf's own ``LlamaFileType`` of the mix."""
@@ -91,7 +100,8 @@ def fixed_block_grid(qw, fmt: str) -> BlockGrid:
                          "use qat_grid='resolve'.")
     d = qw.scale.float()
     if not torch.equal(d.half().float(), d):
-        raise ValueError(f"GGUF export: learned scales are not fp16 values, which {fmt} stores; use qat_grid='resolve'.")
+        raise ValueError(f"GGUF export: learned scales are not fp16 values, which {fmt} stores; "
+                         "use qat_grid='resolve'.")
     return BlockGrid(f, d)
 
 
