@@ -272,7 +272,7 @@ def main(argv=None):
                         "(e.g. 0 0.5; measured behind learned scales, BENCHMARKS.md, so none by default)")
     p.add_argument("--scale-init", choices=["minmax", "mse"], default="minmax",
                    help="where the qat_int{bits} arms' learned scales start (QATConfig.init)")
-    p.add_argument("--scale-lr-mult", type=float, default=0.05,
+    p.add_argument("--scale-lr-mult", type=float, default=QATConfig.lr_multiplier,
                    help="the qat_int{bits} arms' learned scales train at --lr times this (QATConfig.lr_multiplier)")
     p.add_argument("--lsq-lr-mult", type=float, nargs="*", default=[],
                    help="extra int4 LSQ arms (scales from min-max) whose learned scales train at --lr times this")

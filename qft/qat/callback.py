@@ -81,7 +81,7 @@ class QATCallback(pl.Callback):
     def __init__(self, weight: QuantScheme = QuantScheme(bits=4, group_size=128, symmetric=True),
                  activation: Optional[QuantScheme] = None, start_step: int = 0,
                  freeze_observers_step: Optional[int] = None, ignore: Sequence[str] = ("lm_head",),
-                 targets: Optional[Sequence[str]] = None, range_learning: bool = False, lr_multiplier: float = 1.0,
+                 targets: Optional[Sequence[str]] = None, range_learning: bool = False, lr_multiplier: float = 0.05,
                  lora_merged: Optional[bool] = None, observer_momentum: float = 0.01,
                  allow_partial_groups: bool = False, convert_on_fit_end: bool = False, init="minmax"):
         self.config = QATConfig(weight=weight, activation=activation, start_step=start_step,
