@@ -140,6 +140,10 @@ class QATCallback(pl.Callback):
         set_state(pl_module, enabled=step >= c.start_step, observing=observing)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._advance(trainer, pl_module)
+
+    def _advance(self, trainer, pl_module) -> None:
+        """Solve a grid that is due, then set fake-quant and observers for ``trainer.global_step``."""
         step = trainer.global_step
         if self.config.solve is not None and step >= self.config.start_step and self.solved is None:
             self._solve(trainer, pl_module, step)
@@ -169,11 +173,8 @@ class QATCallback(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         """A grid due at the fit's last step (``start_step == max_steps``) is solved here, once training
         ends and before any ``on_fit_end`` export: the fit ends on the grid, with no step trained on it."""
-        step = trainer.global_step
-        if self.config.solve is not None and self.solved is None and step >= self.config.start_step:
-            self._solve(trainer, pl_module, step)
-            self._apply_schedule(pl_module, step)
-            self.last_step = step
+        if self.config.solve is not None and self.solved is None and trainer.global_step >= self.config.start_step:
+            self._advance(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.config.convert_on_fit_end:
